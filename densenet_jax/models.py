@@ -319,8 +319,8 @@ def register(fn: Callable[..., DenseNet]) -> Callable[..., DenseNet]:
 
 
 def list_models() -> list[str]:
-  """Names of every registered preset."""
-  return sorted(_REGISTRY)
+  """Names of every registered preset, in paper order."""
+  return list(_REGISTRY)
 
 
 def get_model(name: str, **overrides: Any) -> DenseNet:
@@ -368,67 +368,67 @@ def densenet_imagenet(block_config: Sequence[int], growth_rate: int = 32,
 @register
 def densenet40(**kwargs: Any) -> DenseNet:
   """DenseNet (L=40, k=12), 1.0M parameters."""
-  return densenet_cifar(40, 12, bottleneck=False, **kwargs)
+  return densenet_cifar(**(dict(depth=40, growth_rate=12, bottleneck=False) | kwargs))
 
 
 @register
 def densenet100_k12(**kwargs: Any) -> DenseNet:
   """DenseNet (L=100, k=12), 7.0M parameters."""
-  return densenet_cifar(100, 12, bottleneck=False, **kwargs)
+  return densenet_cifar(**(dict(depth=100, growth_rate=12, bottleneck=False) | kwargs))
 
 
 @register
 def densenet100_k24(**kwargs: Any) -> DenseNet:
   """DenseNet (L=100, k=24), 27.2M parameters."""
-  return densenet_cifar(100, 24, bottleneck=False, **kwargs)
+  return densenet_cifar(**(dict(depth=100, growth_rate=24, bottleneck=False) | kwargs))
 
 
 @register
 def densenet_bc_100(**kwargs: Any) -> DenseNet:
   """DenseNet-BC (L=100, k=12), 0.8M parameters."""
-  return densenet_cifar(100, 12, **kwargs)
+  return densenet_cifar(**(dict(depth=100, growth_rate=12) | kwargs))
 
 
 @register
 def densenet_bc_250(**kwargs: Any) -> DenseNet:
   """DenseNet-BC (L=250, k=24), 15.3M parameters."""
-  return densenet_cifar(250, 24, **kwargs)
+  return densenet_cifar(**(dict(depth=250, growth_rate=24) | kwargs))
 
 
 @register
 def densenet_bc_190(**kwargs: Any) -> DenseNet:
   """DenseNet-BC (L=190, k=40), 25.6M parameters."""
-  return densenet_cifar(190, 40, **kwargs)
+  return densenet_cifar(**(dict(depth=190, growth_rate=40) | kwargs))
 
 
 @register
 def densenet121(**kwargs: Any) -> DenseNet:
   """DenseNet-121 (k=32), 7,978,856 parameters."""
-  return densenet_imagenet((6, 12, 24, 16), **kwargs)
+  return densenet_imagenet(**(dict(block_config=(6, 12, 24, 16)) | kwargs))
 
 
 @register
 def densenet161(**kwargs: Any) -> DenseNet:
   """DenseNet-161 (k=48, 96-channel stem), 28,681,000 parameters."""
-  return densenet_imagenet((6, 12, 36, 24), growth_rate=48, **kwargs)
+  return densenet_imagenet(**(dict(block_config=(6, 12, 36, 24), growth_rate=48) | kwargs))
 
 
 @register
 def densenet169(**kwargs: Any) -> DenseNet:
   """DenseNet-169 (k=32), 14,149,480 parameters."""
-  return densenet_imagenet((6, 12, 32, 32), **kwargs)
+  return densenet_imagenet(**(dict(block_config=(6, 12, 32, 32)) | kwargs))
 
 
 @register
 def densenet201(**kwargs: Any) -> DenseNet:
   """DenseNet-201 (k=32), 20,013,928 parameters."""
-  return densenet_imagenet((6, 12, 48, 32), **kwargs)
+  return densenet_imagenet(**(dict(block_config=(6, 12, 48, 32)) | kwargs))
 
 
 @register
 def densenet264(**kwargs: Any) -> DenseNet:
-  """DenseNet-264 (k=32)."""
-  return densenet_imagenet((6, 12, 64, 48), **kwargs)
+  """DenseNet-264 (k=32); the paper's name, though the layer count is 265."""
+  return densenet_imagenet(**(dict(block_config=(6, 12, 64, 48)) | kwargs))
 
 
 def native_input_shape(model: DenseNet, batch_size: int = 1) -> tuple[int, int, int, int]:
