@@ -1,0 +1,1 @@
+"""The densenet-jax training program: `python -m train.main --config ... --workdir ...`."""
