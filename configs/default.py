@@ -54,6 +54,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.eval_every_epochs = 1
   c.checkpoint_every_steps = 1000
   c.keep_checkpoints = 3
+  c.async_checkpoints = True  # write checkpoints in the background while training goes on
   c.eval_only = False
   c.init_from = ""  # a densenet_jax pretrained checkpoint to start from (fine-tuning)
   return c

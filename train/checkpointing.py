@@ -18,14 +18,16 @@ class CheckpointError(RuntimeError):
 class Checkpointer:
   """CheckpointManager over `<workdir>/checkpoints` saving the train state plus JSON metadata."""
 
-  def __init__(self, workdir: epath.Path, every_steps: int, keep: int):
+  def __init__(self, workdir: epath.Path, every_steps: int, keep: int,
+               asynchronous: bool = True):
     self.directory = workdir / "checkpoints"
     self.quarantine = workdir / "checkpoints_corrupt"
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(
             save_interval_steps=every_steps, max_to_keep=keep, create=True,
-            cleanup_tmp_directories=True),  # half-written saves of a killed run
+            cleanup_tmp_directories=True,  # half-written saves of a killed run
+            enable_async_checkpointing=asynchronous),
     )
 
   def save(self, step: int, state: Any, meta: dict[str, Any], force: bool = False) -> bool:

@@ -153,7 +153,8 @@ def _host(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-def _global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+  """Assembles every process's local batch into one array sharded over the 'data' axis."""
   sharding = NamedSharding(mesh, P(AXIS))
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
@@ -272,7 +273,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   abstract = jax.tree_util.tree_map(
       lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
   ckpt = checkpointing.Checkpointer(workdir_path, config.checkpoint_every_steps,
-                                    config.keep_checkpoints)
+                                    config.keep_checkpoints, config.async_checkpoints)
   restored = ckpt.restore(abstract)
   if restored is not None:
     state, meta = restored
@@ -298,7 +299,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     totals = None
     for batch in input_pipeline.eval_iterator(builder, config, info.channels,
                                               local_eval_batch, eval_batches):
-      sums = eval_step(state, _global_batch(mesh, batch))
+      sums = eval_step(state, global_batch(mesh, batch))
       totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
     totals = jax.tree_util.tree_map(lambda x: float(_host(x)), totals)
     count = totals.pop("count")
@@ -321,7 +322,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_metrics: dict[str, float] = {}
   try:
     while step < total_steps:
-      state, metrics = train_step(state, _global_batch(mesh, next(batches)))
+      state, metrics = train_step(state, global_batch(mesh, next(batches)))
       step += 1
       history.append(metrics)
       window_steps += 1

@@ -1,0 +1,182 @@
+"""The training program, run for real on CPU: mock CIFAR, fake devices, resume, SIGTERM, digits."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+import tensorflow_datasets as tfds
+
+from configs import default
+from train import checkpointing, input_pipeline, train
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def tiny_config(tmp_path, **overrides):
+  """BC net with one layer per block on 16x16 mock CIFAR: compiles in seconds."""
+  c = default.get_config()
+  c.model_overrides = {"depth": 10, "growth_rate": 4}
+  c.data_dir = str(tmp_path / "tfds")
+  c.image_size = 32
+  c.batch_size = 8
+  c.eval_batch_size = 16
+  c.num_epochs = 1
+  c.log_every_steps = 1
+  c.checkpoint_every_steps = 2
+  c.lr_boundaries = ()
+  c.shuffle_buffer = 64
+  # tfds.testing.mock_data swaps in a mock file system while it builds a dataset, which would
+  # swallow an asynchronous checkpoint write happening at that moment.
+  c.async_checkpoints = False
+  for k, v in overrides.items():
+    c[k] = v
+  return c
+
+
+@pytest.fixture
+def mock_cifar(monkeypatch):
+  monkeypatch.setattr(input_pipeline, "_can_reach", lambda url: True)  # mock "downloads"
+  with tfds.testing.mock_data(num_examples=40):
+    yield
+
+
+def read_metrics(workdir):
+  return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def saved_params(workdir, step):
+  c = tiny_config(pathlib.Path(workdir))
+  ckpt = checkpointing.Checkpointer(pathlib.Path(workdir).resolve(), 1, 10)
+  restored = ckpt.manager.restore(step)
+  ckpt.close()
+  return restored["state"]
+
+
+def test_train_on_mock_cifar_writes_metrics_checkpoints_and_config(tmp_path, mock_cifar):
+  workdir = tmp_path / "run"
+  metrics = train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
+  assert metrics["examples"] == 40  # every mock test example exactly once
+  assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
+  lines = read_metrics(workdir)
+  train_lines = [l for l in lines if l["kind"] == "train"]
+  assert [l["step"] for l in train_lines] == [1, 2, 3, 4, 5]  # 40 examples / batch 8
+  assert all(np.isfinite(l["loss"]) and l["learning_rate"] == 0.1 for l in train_lines)
+  assert lines[-1]["kind"] == "eval" and lines[-1]["step"] == 5
+  assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4, 5]
+  assert json.loads((workdir / "config.json").read_text())["model"] == "densenet_bc_100"
+  assert list((workdir / "tensorboard").iterdir())
+
+
+def test_resume_is_bit_exact(tmp_path, mock_cifar):
+  straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=7), str(straight))
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3), str(resumed))
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=7), str(resumed))
+  a, b = saved_params(straight, 7), saved_params(resumed, 7)
+  for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)):
+    np.testing.assert_array_equal(x, y)
+  # The resumed run crossed an epoch boundary (5 steps/epoch) with the same data order.
+  straight_losses = [l["loss"] for l in read_metrics(straight) if l["kind"] == "train"]
+  resumed_losses = [l["loss"] for l in read_metrics(resumed) if l["kind"] == "train"]
+  assert straight_losses == resumed_losses
+
+
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mock_cifar, caplog):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
+  for f in (workdir / "checkpoints" / "4" / "state").rglob("*"):
+    if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
+      f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate the array data
+  metrics = train.train_and_evaluate(tiny_config(tmp_path, eval_only=True), str(workdir))
+  assert "cannot be restored" in caplog.text and "falling back" in caplog.text
+  assert read_metrics(workdir)[-1] == {"step": 2, "kind": "eval", **metrics}
+  assert [p.name.split(".")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == ["4"]
+
+
+def test_eval_only_without_checkpoint_says_what_to_do(tmp_path, mock_cifar):
+  with pytest.raises(checkpointing.CheckpointError, match="no checkpoint.*Train first"):
+    train.train_and_evaluate(tiny_config(tmp_path, eval_only=True), str(tmp_path / "empty"))
+
+
+def test_missing_data_fails_fast_with_staging_instructions(tmp_path, monkeypatch):
+  monkeypatch.setattr(input_pipeline, "_can_reach", lambda url: False)
+  for download in (False, True):
+    start = time.time()
+    with pytest.raises(input_pipeline.DataMissingError,
+                       match=r"(?s)cifar10.*not prepared.*cifar-10-binary.tar.gz.*manual_dir"):
+      train.train_and_evaluate(tiny_config(tmp_path, download=download), str(tmp_path / "w"))
+    assert time.time() - start < 10
+
+
+def test_batch_size_must_divide_devices(tmp_path):
+  c = tiny_config(tmp_path, batch_size=jax.device_count() + 1 if jax.device_count() > 1 else 0)
+  with pytest.raises(ValueError, match="batch_size=.*multiple of the device count"):
+    train.train_and_evaluate(c, str(tmp_path / "w"))
+
+
+def _run_worker(tmp_path, devices):
+  out = tmp_path / f"step_{devices}.npz"
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=str(REPO))
+  subprocess.run([sys.executable, str(REPO / "tests" / "_step_worker.py"), str(out)],
+                 check=True, env=env, cwd=REPO, timeout=600)
+  return dict(np.load(out))
+
+
+@pytest.mark.slow
+def test_eight_device_step_equals_one_device_step(tmp_path):
+  one, eight = _run_worker(tmp_path, 1), _run_worker(tmp_path, 8)
+  assert one.pop("devices") == 1 and eight.pop("devices") == 8
+  assert one.keys() == eight.keys()
+  worst = max(float(np.max(np.abs(one[k] - eight[k]) / (np.abs(one[k]) + 1e-3))) for k in one)
+  print(f"8-device vs 1-device max relative difference: {worst:.2e}")
+  for k in one:
+    np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=2e-6, err_msg=k)
+
+
+def _cli(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "train.main", "--config", "configs/digits_bc.py",
+          "--workdir", str(workdir), f"--config.data_dir={data_dir}", *extra]
+
+
+@pytest.mark.slow
+def test_sigterm_checkpoints_and_the_rerun_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(_cli(workdir, tmp_path / "tfds", "--config.log_every_steps=1",
+                               "--config.checkpoint_every_steps=1000"),
+                          cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      (workdir / "metrics.jsonl").exists() and len(read_metrics(workdir)) >= 3):
+    time.sleep(0.5)
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err
+  assert "SIGTERM" in err
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 3 <= saved[0] < 220
+  rerun = subprocess.run(_cli(workdir, tmp_path / "tfds", "--config.num_train_steps",
+                              str(saved[0] + 2), "--config.log_every_steps=1"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr
+  steps = [l["step"] for l in read_metrics(workdir) if l["kind"] == "train"]
+  assert steps[-2:] == [saved[0] + 1, saved[0] + 2]
+
+
+@pytest.mark.slow
+def test_digits_demo_reaches_98_percent(tmp_path):
+  start = time.time()
+  result = subprocess.run(_cli(tmp_path / "run", tmp_path / "tfds"), cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr
+  accuracy = float(result.stdout.split("Final test accuracy: ")[1].split()[0])
+  print(f"digits demo: test accuracy {accuracy:.4f} in {time.time() - start:.0f} s")
+  assert accuracy >= 0.98
+  assert "(360 examples)" in result.stdout
