@@ -61,7 +61,7 @@ def saved_params(workdir, step):
 
 def test_train_on_mock_cifar_writes_metrics_checkpoints_and_config(tmp_path, mock_cifar):
   workdir = tmp_path / "run"
-  metrics = train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
+  _, metrics = train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
   assert metrics["examples"] == 40  # every mock test example exactly once
   assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
   lines = read_metrics(workdir)
@@ -94,7 +94,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mock_cifar, 
   for f in (workdir / "checkpoints" / "4" / "state").rglob("*"):
     if f.is_file() and f.stat().st_size > 0 and "d" in f.parent.name:
       f.write_bytes(f.read_bytes()[: f.stat().st_size // 2])  # truncate the array data
-  metrics = train.train_and_evaluate(tiny_config(tmp_path, eval_only=True), str(workdir))
+  _, metrics = train.train_and_evaluate(tiny_config(tmp_path, eval_only=True), str(workdir))
   assert "cannot be restored" in caplog.text and "falling back" in caplog.text
   assert read_metrics(workdir)[-1] == {"step": 2, "kind": "eval", **metrics}
   assert [p.name.split(".")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == ["4"]

@@ -239,8 +239,9 @@ def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
           f"{max(devices, value // devices * devices)}.")
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or only evaluates, with config.eval_only) and returns the final eval metrics."""
+def train_and_evaluate(config: ml_collections.ConfigDict,
+                       workdir: str) -> tuple[TrainState, dict[str, float]]:
+  """Trains (or only evaluates, with config.eval_only); returns the state and eval metrics."""
   _check_batch_sizes(config)
   workdir_path = _resolve_workdir(workdir)
   if jax.process_index() == 0:
@@ -312,7 +313,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     metrics = evaluate(state)
     reporter.write(step, "eval", metrics)
     reporter.close()
-    return metrics
+    return state, metrics
 
   meta = {"seed": config.seed, "batch_size": config.batch_size, "dataset": config.dataset}
   train_step = make_train_step(model, tx, config, mesh)
@@ -351,4 +352,4 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     ckpt.close()
     reporter.close()
     preemption.restore()
-  return eval_metrics
+  return state, eval_metrics

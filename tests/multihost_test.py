@@ -1,0 +1,115 @@
+"""Multi-process training with real processes on 127.0.0.1 (CPU devices, gloo collectives)."""
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+WORKER = REPO / "tests" / "_multihost_worker.py"
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def flags(tmp_path, workdir, *extra):
+  """A depth-10 BC net on 64 digits; global batch = all 64, so every layout sees one batch."""
+  return ["--config", "configs/digits_bc.py", f"--config.data_dir={tmp_path / 'tfds'}",
+          "--config.model_overrides.depth=10", "--config.batch_size=64",
+          "--config.eval_batch_size=120", "--config.log_every_steps=1",
+          f"--workdir={workdir}", *extra]
+
+
+def launch(cmd, processes, devices_per_process, log_dir, name):
+  """Starts cmd(process_id, distributed_flags) once per process; output goes to log files."""
+  port = free_port()
+  env = dict(os.environ, PYTHONPATH=str(REPO),
+             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
+  procs = []
+  for i in range(processes):
+    multi = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
+              f"--process_id={i}"] if processes > 1 else [])
+    log = open(log_dir / f"{name}{i}.log", "w")
+    procs.append(subprocess.Popen(cmd(i, multi), cwd=REPO, env=env, stdout=log,
+                                  stderr=subprocess.STDOUT))
+  return procs
+
+
+def wait_all(procs, timeout):
+  deadline = time.time() + timeout
+  return [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+
+
+def test_two_processes_match_one_process(tmp_path):
+  common = flags(tmp_path, "{}", "--config.train_split=train[:64]",
+                 "--config.num_train_steps=3", "--config.sync_batchnorm=True")
+  def cmd(workdir, dump):
+    return lambda i, multi: [sys.executable, str(WORKER)] + [
+        a.format(workdir) for a in common] + multi + [str(dump(i))]
+  one = launch(cmd(tmp_path / "one", lambda i: tmp_path / "one.npz"), 1, 4, tmp_path, "one")
+  assert wait_all(one, 400) == [0], (tmp_path / "one0.log").read_text()[-3000:]
+  two = launch(cmd(tmp_path / "two", lambda i: tmp_path / f"two{i}.npz"), 2, 2, tmp_path,
+               "two")
+  assert wait_all(two, 400) == [0, 0], (tmp_path / "two0.log").read_text()[-3000:]
+
+  ref, p0, p1 = (dict(np.load(tmp_path / f)) for f in ("one.npz", "two0.npz", "two1.npz"))
+  assert (int(ref.pop("process_count")), int(p0.pop("process_count"))) == (1, 2)
+  p1.pop("process_count")
+  assert ref["examples"] == p0["examples"] == 360  # the whole test split, exactly once
+  keys = [k for k in ref if k.startswith("[")]
+  assert keys and keys == [k for k in p0 if k.startswith("[")]
+  for k in keys:
+    np.testing.assert_array_equal(p0[k], p1[k], err_msg=k)  # the processes agree bitwise
+  worst = max(float(np.max(np.abs(ref[k] - p0[k]))) for k in keys)
+  print(f"2 processes x 2 devices vs 1 process x 4 devices: max |dparam| = {worst:.3g}")
+  for k in keys:
+    np.testing.assert_allclose(p0[k], ref[k], rtol=1e-5, atol=1e-6, err_msg=k)
+  # Only process 0 writes metrics; the first 3 train lines are the same on both layouts.
+  lines = lambda d: [json.loads(l) for l in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+  one_loss = [l["loss"] for l in lines("one") if l["kind"] == "train"]
+  two_loss = [l["loss"] for l in lines("two") if l["kind"] == "train"]
+  np.testing.assert_allclose(two_loss, one_loss, rtol=1e-5)
+  assert len(two_loss) == 3
+
+
+def test_dead_peer_stops_the_survivor_and_a_relaunch_resumes(tmp_path):
+  workdir = tmp_path / "run"
+  common = flags(tmp_path, workdir, "--config.num_train_steps=400",
+                 "--config.checkpoint_every_steps=5", "--heartbeat_timeout_seconds=10")
+  cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
+  procs = launch(cmd, 2, 2, tmp_path, "first")
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      metrics.exists() and metrics.read_text().count('"kind": "train"') >= 12):
+    time.sleep(0.2)
+  procs[1].kill()
+  killed_at = time.time()
+  survivor_rc = procs[0].wait(timeout=120)
+  took = time.time() - killed_at
+  log = (tmp_path / "first0.log").read_text()
+  print(f"survivor exited with {survivor_rc} {took:.1f} s after its peer died")
+  assert survivor_rc != 0
+  assert took < 60  # heartbeat timeout 10 s plus shutdown; never a hang
+  assert any(s in log for s in ("gloo", "distributed service", "heartbeat", "Connection")), log[-2000:]
+
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert saved and saved[-1] >= 10
+  resume = lambda i, multi: [sys.executable, "-m", "train.main"] + flags(
+      tmp_path, workdir, f"--config.num_train_steps={saved[-1] + 3}") + multi
+  again = launch(resume, 2, 2, tmp_path, "again")
+  assert wait_all(again, 400) == [0, 0], (tmp_path / "again0.log").read_text()[-3000:]
+  steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
+           if json.loads(l)["kind"] == "train"]
+  assert steps[-3:] == [saved[-1] + 1, saved[-1] + 2, saved[-1] + 3]
+  assert "Final test accuracy" in (tmp_path / "again0.log").read_text()
