@@ -52,7 +52,6 @@ def read_metrics(workdir):
 
 
 def saved_params(workdir, step):
-  c = tiny_config(pathlib.Path(workdir))
   ckpt = checkpointing.Checkpointer(pathlib.Path(workdir).resolve(), 1, 10)
   restored = ckpt.manager.restore(step)
   ckpt.close()

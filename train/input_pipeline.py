@@ -69,8 +69,8 @@ def _staging_help(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
     lines.append(f"  2. Put the manual files into a folder M and pass --config.manual_dir=M: "
                  f"{manual.strip()}")
   else:
-    lines.append(f"  2. Put the files tfds would download into a folder M and pass "
-                 f"--config.manual_dir=M.")
+    lines.append("  2. Put the files tfds would download into a folder M and pass "
+                 "--config.manual_dir=M.")
   return "\n".join(lines)
 
 
@@ -167,15 +167,11 @@ def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
   return tf.slice(image, [top, left, 0], [size, size, -1])
 
 
-def _per_process_split(split: str, drop_remainder: bool) -> str:
-  return tfds.split_for_jax_process(split, drop_remainder=drop_remainder)
-
-
 def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
                    local_batch: int, steps_per_epoch: int, start_step: int
                    ) -> Iterator[dict[str, np.ndarray]]:
   """Local training batches from global step `start_step` on, epoch after epoch."""
-  split = _per_process_split(config.train_split, drop_remainder=True)
+  split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
   epoch, skip = divmod(start_step, steps_per_epoch)
   while True:
     yield from tfds.as_numpy(_train_epoch(builder, config, split, local_batch, epoch, skip))
@@ -212,7 +208,7 @@ def eval_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
                   channels: int, local_batch: int, num_batches: int
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Exactly `num_batches` local eval batches; padding rows carry mask 0."""
-  split = _per_process_split(config.eval_split, drop_remainder=False)
+  split = tfds.split_for_jax_process(config.eval_split, drop_remainder=False)
   ds = builder.as_dataset(split=split, shuffle_files=False)
   size = config.image_size
   if config.augment == "imagenet":
