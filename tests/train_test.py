@@ -60,7 +60,10 @@ def saved_params(workdir, step):
 
 def test_train_on_mock_cifar_writes_metrics_checkpoints_and_config(tmp_path, mock_cifar):
   workdir = tmp_path / "run"
+  half_written = workdir / "checkpoints" / "9.orbax-checkpoint-tmp"  # a save killed mid-way
+  half_written.mkdir(parents=True)
   _, metrics = train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
+  assert not half_written.exists()
   assert metrics["examples"] == 40  # every mock test example exactly once
   assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
   lines = read_metrics(workdir)
