@@ -62,7 +62,8 @@ METADATA_KEY = "__metadata__"
 
 # torchvision's own remap for checkpoints saved before 2017 ('norm.1' -> 'norm1').
 _OLD_TORCHVISION_KEY = re.compile(
-    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$")
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\."
+    r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 _TORCH_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 _KERAS_FIXED = {"conv1_conv": "conv0", "conv1_bn": "norm0", "bn": "norm_final",

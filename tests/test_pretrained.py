@@ -183,6 +183,11 @@ def test_keras_legacy_h5_archive_and_unnamed_keras3_layout_give_the_same_variabl
       f["layers"][key]["vars"].attrs.pop("name", None)
   _, from_order = pretrained.from_keras(unnamed, "densenet121")
   assert tree_max_abs_diff(from_v3, from_order) == 0.0
+  # include_top=False files (the published *_notop.h5) give a headless model.
+  layers = pretrained.read_keras(keras_files / "keras121.weights.h5")
+  del layers["predictions"]
+  headless, v = pretrained.from_keras(layers, "densenet121")
+  assert headless.num_classes == 0 and "classifier" not in v["params"]
 
 
 def test_keras_weights_into_the_wrong_model_name_the_keys(keras_files):
@@ -248,6 +253,16 @@ def test_old_torchvision_keys_and_safetensors_give_the_same_variables(tv121, tmp
   safetensors_numpy.save_file({f"module.{k}": v for k, v in old.items()}, str(st))
   _, from_st = pretrained.from_torchvision(st, "densenet121")
   assert tree_max_abs_diff(reference, from_st) == 0.0
+
+
+def test_class_count_comes_from_the_file():
+  sd = torchvision_state_dict("densenet121")
+  sd["classifier.weight"] = sd["classifier.weight"][:10]
+  sd["classifier.bias"] = sd["classifier.bias"][:10]
+  model, v = pretrained.from_torchvision(sd, "densenet121")  # a 10-class fine-tuned model
+  assert model.num_classes == 10 and v["params"]["classifier"]["kernel"].shape == (1024, 10)
+  del sd["classifier.weight"], sd["classifier.bias"]
+  assert pretrained.from_torchvision(sd, "densenet121")[0].num_classes == 0
 
 
 def test_converted_variables_do_not_alias_the_source_arrays():
