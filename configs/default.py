@@ -56,5 +56,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.keep_checkpoints = 3
   c.async_checkpoints = True  # write checkpoints in the background while training goes on
   c.eval_only = False
-  c.init_from = ""  # a densenet_jax pretrained checkpoint to start from (fine-tuning)
+  c.init_from = ""  # a `python -m densenet_jax.convert` checkpoint to start from (fine-tuning)
   return c

@@ -185,3 +185,32 @@ def test_digits_demo_reaches_98_percent(tmp_path):
   print(f"digits demo: test accuracy {accuracy:.4f} in {time.time() - start:.0f} s")
   assert accuracy >= 0.98
   assert "(360 examples)" in result.stdout
+
+
+@pytest.mark.slow
+def test_fine_tuning_starts_from_pretrained_weights(tmp_path, mock_cifar):
+  from densenet_jax import models, pretrained  # pylint: disable=g-import-not-at-top
+  source = models.densenet40(num_classes=100, bn_epsilon=1.001e-5)
+  variables = jax.jit(lambda x: source.init(jax.random.key(7), x))(np.zeros((1, 32, 32, 3)))
+  path = tmp_path / "pretrained.npz"
+  pretrained.save(path, "densenet40", source, variables, source="keras")
+  config = tiny_config(tmp_path, init_from=str(path), num_train_steps=1, learning_rate=0.0,
+                       weight_decay=0.0, model="densenet40")
+  config.model_overrides = {}
+  state, _ = train.train_and_evaluate(config, str(tmp_path / "run"))
+  flat = lambda tree: {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0))
+                       for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+  got, want = flat(state.params), flat(variables["params"])
+  assert got.keys() == want.keys()
+  for k in got:
+    if "classifier" in k:
+      assert got[k].shape[-1] == 10 and want[k].shape[-1] == 100  # re-initialised for CIFAR-10
+    else:
+      np.testing.assert_array_equal(got[k], want[k], err_msg=k)  # lr 0: still the loaded weights
+  saved = json.loads((tmp_path / "run" / "config.json").read_text())
+  assert saved["init_from"] == str(path)
+
+  config.model = "densenet_bc_100"
+  config.model_overrides = {"depth": 10, "growth_rate": 4}
+  with pytest.raises(ValueError, match=r"init_from=.*densenet40 whose .* is"):
+    train.train_and_evaluate(config, str(tmp_path / "other"))

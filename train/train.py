@@ -16,10 +16,11 @@ import numpy as np
 import optax
 from absl import logging
 from clu import metric_writers
+from flax import traverse_util
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from densenet_jax import models
+from densenet_jax import models, pretrained
 from train import checkpointing, input_pipeline
 
 AXIS = "data"
@@ -41,12 +42,45 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
   overrides = dict(config.model_overrides)
   overrides.setdefault("num_classes", num_classes)
   overrides.setdefault("in_channels", channels)
+  if config.init_from:  # e.g. Keras weights need Keras' BatchNorm epsilon
+    overrides.setdefault("bn_epsilon",
+                         pretrained.read_checkpoint(config.init_from)[0]["bn_epsilon"])
   return models.get_model(
       config.model,
       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
       memory_efficient=config.memory_efficient,
       bn_axis_name=AXIS if config.sync_batchnorm else None,
       **overrides)
+
+
+def warm_start(state: TrainState, path: str, tx: optax.GradientTransformation) -> TrainState:
+  """Copies pretrained params and BN statistics into a fresh state (fine-tuning).
+
+  A classifier whose class count differs keeps its fresh initialisation; any other mismatch is
+  an error naming the variable, since silently training a half-loaded network wastes a run.
+  """
+  _, variables, meta = pretrained.load_with_metadata(path)
+  loaded = traverse_util.flatten_dict(variables, sep="/")
+  fresh = traverse_util.flatten_dict(
+      {"params": state.params, "batch_stats": state.batch_stats}, sep="/")
+  merged = {}
+  for key, value in fresh.items():
+    source = loaded.get(key)
+    if source is not None and source.shape == value.shape:
+      merged[key] = source
+    elif key.startswith("params/classifier/") and source is not None:
+      logging.warning("init_from: %s is %s in %s but %s here; re-initialising the classifier.",
+                      key, source.shape, path, value.shape)
+      merged[key] = value
+    else:
+      raise ValueError(
+          f"--config.init_from={path} holds a {meta['model']} whose {key} is "
+          f"{None if source is None else source.shape}, but {key} of this run's model is "
+          f"{value.shape}. Use a checkpoint of the same architecture (--config.model="
+          f"{meta['model']}).")
+  variables = traverse_util.unflatten_dict(merged, sep="/")
+  return TrainState(step=state.step, params=variables["params"],
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
 
 
 def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
@@ -289,6 +323,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
     # XLA:CPU compiles non-partitionable threefry ~10x faster; the init stream is arbitrary.
     with jax.threefry_partitionable(False):
       state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+    if config.init_from:
+      state = jax.device_put(warm_start(state, config.init_from, tx), replicated)
 
   eval_step = make_eval_step(model, mesh)
   local_eval_batch = config.eval_batch_size // jax.process_count()
