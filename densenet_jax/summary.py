@@ -61,8 +61,9 @@ def _abstract_variables(model: models.DenseNet, input_shape: tuple[int, ...]) ->
   return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
 
 
-def _loss(model: models.DenseNet, params: Any, batch_stats: Any, x: jax.Array,
-          labels: jax.Array) -> tuple[jax.Array, Any]:
+def train_loss(model: models.DenseNet, params: Any, batch_stats: Any, x: jax.Array,
+               labels: jax.Array) -> tuple[jax.Array, Any]:
+  """Mean cross-entropy of a training-mode forward pass, and the updated BN state."""
   logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                               mutable=["batch_stats"])
   logp = jax.nn.log_softmax(logits.astype(jnp.float32))
@@ -72,7 +73,7 @@ def _loss(model: models.DenseNet, params: Any, batch_stats: Any, x: jax.Array,
 def train_step_temp_bytes(model: models.DenseNet, input_shape: tuple[int, ...]) -> int:
   """XLA temp bytes of a compiled forward+backward step (no data or device memory needed)."""
   variables = _abstract_variables(model, input_shape)
-  grad = jax.jit(jax.grad(functools.partial(_loss, model), has_aux=True))
+  grad = jax.jit(jax.grad(functools.partial(train_loss, model), has_aux=True))
   x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
   labels = jax.ShapeDtypeStruct(input_shape[:1], jnp.int32)
   compiled = grad.lower(variables["params"], variables["batch_stats"], x, labels).compile()
