@@ -117,6 +117,21 @@ def test_missing_data_fails_fast_with_staging_instructions(tmp_path, monkeypatch
     assert time.time() - start < 10
 
 
+def test_wrong_image_size_is_refused_before_training(tmp_path, mock_cifar):
+  with pytest.raises(ValueError, match=r"images are \(32, 32\).*--config.image_size=32"):
+    train.train_and_evaluate(tiny_config(tmp_path, image_size=16), str(tmp_path / "w"))
+
+
+def test_divergence_stops_before_checkpointing_garbage(tmp_path, mock_cifar):
+  workdir = tmp_path / "run"
+  with pytest.raises(FloatingPointError,
+                     match=r"diverged at step \d+: loss=.*(nan|inf).*last checkpoint"):
+    train.train_and_evaluate(tiny_config(tmp_path, learning_rate=1e30), str(workdir))
+  for step in (workdir / "checkpoints").iterdir():
+    for leaf in jax.tree_util.tree_leaves(saved_params(workdir, int(step.name))):
+      assert np.all(np.isfinite(leaf))
+
+
 def test_batch_size_must_divide_devices(tmp_path):
   c = tiny_config(tmp_path, batch_size=jax.device_count() + 1 if jax.device_count() > 1 else 0)
   with pytest.raises(ValueError, match="batch_size=.*multiple of the device count"):

@@ -36,6 +36,7 @@ class DatasetInfo:
   num_train: int
   num_eval: int
   channels: int
+  image_size: tuple[int | None, int | None]  # (None, None) for variable-size images
 
 
 def _can_reach(url: str, timeout: float = 3.0) -> bool:
@@ -119,6 +120,7 @@ def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
       num_train=size(config.train_split),
       num_eval=size(config.eval_split),
       channels=features["image"].shape[-1],
+      image_size=tuple(features["image"].shape[:2]),
   )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import signal
 import sys
 import time
@@ -152,7 +153,7 @@ def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
     accuracy = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state)
-    return new_state, {"loss": loss, "accuracy": accuracy}
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0)
@@ -252,6 +253,16 @@ class _Preemption:
     signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_finite(metrics: dict[str, jax.Array], step: int, last_checkpoint: int | None) -> None:
+  """Stops a diverged run before it logs or checkpoints a non-finite state."""
+  loss, grad_norm = float(_host(metrics["loss"])), float(_host(metrics["grad_norm"]))
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    raise FloatingPointError(
+        f"Training diverged at step {step}: loss={loss}, gradient norm={grad_norm}. The last "
+        f"checkpoint (step {last_checkpoint}) is kept; lower --config.learning_rate, add "
+        f"--config.warmup_epochs, or check the input normalisation, then rerun.")
+
+
 def _resolve_workdir(workdir: str) -> epath.Path:
   path = epath.Path(workdir)
   if "://" not in workdir:
@@ -281,6 +292,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
 
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(builder, config)
+  if config.augment != "imagenet" and info.image_size != (config.image_size,) * 2:
+    raise ValueError(
+        f"{config.dataset} images are {info.image_size}, but config.image_size="
+        f"{config.image_size}: set --config.image_size={info.image_size[0]}, or use "
+        f"--config.augment=imagenet to crop and resize.")
   local_batch = config.batch_size // jax.process_count()
   steps_per_epoch = info.num_train // config.batch_size
   if steps_per_epoch == 0:
@@ -361,6 +377,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict,
       step += 1
       history.append(metrics)
       window_steps += 1
+      if step % config.log_every_steps == 0 or ckpt.manager.should_save(step):
+        _check_finite(metrics, step, ckpt.latest_step())
       if step % config.log_every_steps == 0 or step == total_steps:
         scalars = {k: float(np.mean([_host(m[k]) for m in history])) for k in history[0]}
         seconds = time.time() - window_start
