@@ -82,7 +82,7 @@ def sweep_model(depth: int, growth: int = 12):
 
 def run(sets: list[str], cache_path: str | None, fresh: bool,
         named: tuple = NAMED, depths: tuple = SWEEP_DEPTHS, sweep_batch: int = SWEEP_BATCH,
-        growth: int = 12) -> list[dict[str, Any]]:
+        growth: int = 12, modes: tuple = (False, True)) -> list[dict[str, Any]]:
   """Measures (or reads from the cache) every row of the requested sets."""
   import jax  # pylint: disable=g-import-not-at-top
   jax.config.update("jax_threefry_partitionable", False)
@@ -96,7 +96,7 @@ def run(sets: list[str], cache_path: str | None, fresh: bool,
               sweep_batch, d) for d in depths]
   rows = []
   for name, batch, depth in jobs:
-    for efficient in (False, True):
+    for efficient in modes:
       key = _key(name, batch, efficient, jax.__version__)
       if key in cache:
         row = dict(cache[key], cached=True)
@@ -129,7 +129,8 @@ def pair_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return list(out.values())
 
 
-def plot(pairs: list[dict[str, Any]], path: str) -> bool:
+def plot(pairs: list[dict[str, Any]], path: str,
+         overlay: list[dict[str, Any]] | None = None, overlay_label: str = "") -> bool:
   """Temp memory vs depth, both modes, with quadratic/linear fits; False without matplotlib."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -145,18 +146,27 @@ def plot(pairs: list[dict[str, Any]], path: str) -> bool:
   depth = np.array([p["depth"] for p in sweep], float)
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
   fine = np.linspace(0, depth.max() * 1.02, 200)
-  for key, label, color, deg in (("default_mib", "default (store concat+BN+ReLU)", "C3", 2),
-                                 ("efficient_mib", "memory_efficient (recompute)", "C0", 1)):
-    y = np.array([p[key] for p in sweep], float) / 1024
-    ax.plot(depth, y, "o", color=color, label=label)
-    coef = np.polyfit(depth, y, deg)
-    fit_label = ("fit a+bL+cL^2" if deg == 2 else "fit a+bL")
-    ax.plot(fine, np.polyval(coef, fine), "-", color=color, alpha=0.5, lw=1,
-            label=f"{fit_label}")
+  series = [(depth, [p.get("default_mib") for p in sweep], "default (shipped)", "C3", "o"),
+            (depth, [p.get("efficient_mib") for p in sweep], "memory_efficient (shipped)",
+             "C0", "o")]
+  if overlay:
+    ov = sorted(overlay, key=lambda r: r["depth"])
+    series.append((np.array([r["depth"] for r in ov], float), [r["temp_mib"] for r in ov],
+                   overlay_label, "C2", "s"))
+  for d, ys, label, color, marker in series:
+    if any(y is None for y in ys) or len(ys) < 3:
+      continue
+    y = np.array(ys, float) / 1024
+    ax.plot(d, y, marker, color=color, label=label)
+    lin = np.polyfit(d, y, 1)
+    ax.plot(fine, np.polyval(lin, fine), ":", color=color, alpha=0.6, lw=1)
+    quad = np.polyfit(d, y, 2)
+    ax.plot(fine, np.polyval(quad, fine), "-", color=color, alpha=0.4, lw=1)
   batch = sweep[0]["batch"]
   ax.set_xlabel("depth L (DenseNet-BC, k=12, 32x32)")
   ax.set_ylabel(f"XLA temp memory of a training step (GiB), batch {batch}")
-  ax.set_title("Training-step memory vs depth: default vs memory_efficient")
+  ax.set_title("Training-step memory vs depth (dotted: linear fit, solid: quadratic fit)",
+               fontsize=10)
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
   fig.tight_layout()
@@ -174,6 +184,8 @@ def fit_growth(pairs: list[dict[str, Any]]) -> dict[str, Any]:
   d = np.array([p["depth"] for p in sweep], float)
   out = {}
   for key in ("default_mib", "efficient_mib"):
+    if not all(key in p for p in sweep):
+      continue
     y = np.array([p[key] for p in sweep], float)
     lin = np.polyfit(d, y, 1)
     resid = y - np.polyval(lin, d)
@@ -201,8 +213,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   p.add_argument("--cache", default=os.path.join(HERE, "results", "memory_cache.jsonl"),
                  help="JSONL cache of measured rows ('' disables)")
   p.add_argument("--fresh", action="store_true", help="ignore the cache")
+  p.add_argument("--efficient-only", action="store_true", help="only memory_efficient rows")
   p.add_argument("--variant", default="baseline",
                  help="a model prototype of benchmarks/variants.py (rows keyed by it)")
+  p.add_argument("--overlay-variant", default=None,
+                 help="also plot this variant's cached memory_efficient sweep rows")
   p.add_argument("--plot", default=None, help="write the depth plot (PNG) here")
   p.add_argument("--markdown", default=None, help="append paired rows to this table")
   args = p.parse_args(argv)
@@ -218,7 +233,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   depths = tuple(int(d) for d in args.depths.split(",")) if args.depths else SWEEP_DEPTHS
   if args.cache:
     os.makedirs(os.path.dirname(os.path.abspath(args.cache)), exist_ok=True)
-  rows = run(sets, args.cache or None, args.fresh, named, depths, args.sweep_batch, args.growth)
+  rows = run(sets, args.cache or None, args.fresh, named, depths, args.sweep_batch, args.growth,
+             (True,) if args.efficient_only else (False, True))
   pairs = pair_rows(rows)
   for pr in pairs:
     _common.emit({"bench": "memory_pair", **pr})
@@ -226,8 +242,32 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   fits = fit_growth(pairs)
   if fits:
     _common.emit({"bench": "memory_fit", **fits})
+  overlay = None
+  if args.overlay_variant:
+    overlay = [r for r in _load_cache(args.cache).values()
+               if r.get("variant") == args.overlay_variant and r["memory_efficient"]
+               and r["batch"] == args.sweep_batch and r["k"] == args.growth
+               and r["model"].startswith("densenet_bc_")]
+    by_depth = {r["depth"]: r for r in overlay}
+    overlay = list(by_depth.values())
+    if overlay:
+      d = sorted(by_depth)
+      import numpy as np  # pylint: disable=g-import-not-at-top
+      y = np.array([by_depth[x]["temp_mib"] for x in d], float)
+      if len(d) >= 3:
+        quad = np.polyfit(d, y, 2)
+        lin = np.polyfit(d, y, 1)
+        resid = y - np.polyval(lin, d)
+        _common.emit({"bench": "memory_fit_overlay", "variant": args.overlay_variant,
+                      "depths": d, "efficient_mib": list(y),
+                      "linear_r2": round(1 - float(resid @ resid) /
+                                         float((y - y.mean()) @ (y - y.mean())), 4),
+                      "quadratic_share_at_max_depth": round(float(quad[0] * d[-1]**2 / y[-1]), 3),
+                      "ratio_deepest_to_shallowest": round(float(y[-1] / y[0]), 2),
+                      "depth_ratio": round(d[-1] / d[0], 2)})
   if args.plot:
-    if plot(pairs, args.plot):
+    if plot(pairs, args.plot, overlay,
+            f"memory_efficient + {args.overlay_variant} (prototype)"):
       _common.emit({"bench": "memory_plot", "path": args.plot})
   return rows
 

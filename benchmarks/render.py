@@ -101,6 +101,7 @@ def render(results_dir: str) -> str:
   memory = data.get("memory", [])
   pairs = [r for r in memory if r.get("bench") == "memory_pair"]
   fits = next((r for r in memory if r.get("bench") == "memory_fit"), None)
+  overlay_fit = next((r for r in memory if r.get("bench") == "memory_fit_overlay"), None)
   pipes = _latest([r for r in data.get("input_pipeline", []) if r.get("bench") ==
                    "input_pipeline"], lambda r: r["pipeline"])
   roof = _latest([r for r in data.get("roof", []) if r.get("bench") == "roof"],
@@ -166,6 +167,16 @@ def render(results_dir: str) -> str:
                            f"×{e['depth_ratio']:.1f} depth (default ×"
                            f"{d['ratio_deepest_to_shallowest']:.1f})",
                   "met": "yes" if e["quadratic_share_at_max_depth"] < 0.15 else "NO",
+                  "load": "n/a"})
+  if overlay_fit:
+    o = overlay_fit
+    trows.append({"target": f"… with the `{o['variant']}` prototype (memory_efficient, "
+                            f"L={o['depths'][0]}..{o['depths'][-1]})",
+                  "measured": f"linear fit R² {o['linear_r2']:.4f}, L² term "
+                              f"{o['quadratic_share_at_max_depth']:.0%} of the deepest",
+                  "ratio": f"×{o['ratio_deepest_to_shallowest']:.1f} memory for "
+                           f"×{o['depth_ratio']:.1f} depth",
+                  "met": "yes" if o["quadratic_share_at_max_depth"] < 0.15 else "NO",
                   "load": "n/a"})
   out.append(_table([("target", "target"), ("measured", "measured"), ("ours/peer", "ratio"),
                      ("met", "met"), ("load ours / peer", "load")], trows) if trows else
@@ -257,6 +268,12 @@ def render(results_dir: str) -> str:
             f"{f['quadratic_share_at_max_depth']:.0%} of the deepest net, "
             f"{f['mib_per_depth_linear']} MiB per unit of depth"
             for k, f in fits.items() if isinstance(f, dict)))
+        out.append("")
+      if overlay_fit:
+        out.append(f"Prototype `{overlay_fit['variant']}` (benchmarks/variants.py), "
+                   f"memory_efficient, same sweep: " + ", ".join(
+                       f"L={d}: {m:,.0f} MiB" for d, m in zip(overlay_fit["depths"],
+                                                               overlay_fit["efficient_mib"])))
         out.append("")
       out.append("![temp memory vs depth](memory_vs_depth.png)")
       out.append("")

@@ -53,20 +53,24 @@ VARIANT_CONFIGS = (
     # (variant, model, batch, dtype, memory_efficient)
     ("dot1x1", "densenet_bc_100", 64, "float32", False),
     ("dot1x1", "densenet_bc_100", 64, "float32", True),
+    ("dot1x1", "densenet121", 8, "float32", False),
     ("dot1x1", "densenet_bc_100", 64, "bfloat16", False),
     ("dot1x1_sharedstats", "densenet_bc_100", 64, "float32", False),
-    ("dot1x1_buffer", "densenet_bc_100", 64, "float32", False),
+    ("dot1x1_ctchain", "densenet_bc_100", 64, "float32", True),
+    ("dot1x1_ctchain", "densenet_bc_100", 64, "float32", False),
+    ("ctchain", "densenet_bc_100", 64, "float32", True),
+    ("dot1x1_ctchain_sharedstats", "densenet_bc_100", 64, "float32", False),
+    ("dot1x1_ctchain_sharedstats", "densenet_bc_100", 64, "float32", True),
+    ("dot1x1_ctchain_sharedstats", "densenet121", 8, "float32", True),
     ("dot1x1_remat_layer", "densenet_bc_100", 64, "float32", True),
-    ("dot1x1", "densenet121", 8, "float32", False),
+    ("dot1x1_buffer", "densenet_bc_100", 64, "float32", False),
     ("dot1x1", "densenet121", 8, "float32", True),
 )
 XLA_FLAG_CONFIGS = (
     # (variant, flags) on BC-100 batch 64 float32
-    ("baseline", "--xla_cpu_use_thunk_runtime=false"),
-    ("dot1x1", "--xla_cpu_use_onednn=true"),
-    ("dot1x1", "--xla_cpu_use_xnnpack=false"),
     ("dot1x1", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
-    ("dot1x1", "--xla_cpu_enable_fast_math=true"),
+    ("dot1x1", "--xla_cpu_use_onednn=true"),
+    ("baseline", "--xla_cpu_use_thunk_runtime=false"),
     ("dot1x1", "--xla_cpu_prefer_vector_width=512"),
 )
 
@@ -82,6 +86,8 @@ def _wait_quiet(args) -> None:
 def _run(cmd: list[str], stage: str, args, timeout: float = 1800, quiet: bool = True
          ) -> list[dict[str, Any]]:
   """Runs one benchmark subprocess; appends (and returns) its JSON rows."""
+  if args.only and not all(tok in " ".join(cmd) for tok in args.only.split("&")):
+    return []
   if quiet:
     _wait_quiet(args)
   print(f"[{stage}] {' '.join(cmd[1:])}", file=sys.stderr, flush=True)
@@ -133,7 +139,8 @@ def stage_train_step(args):
 
 
 def stage_memory(args):
-  cmd = [PY, f"{HERE}/memory.py", "--plot", f"{HERE}/memory_vs_depth.png"]
+  cmd = [PY, f"{HERE}/memory.py", "--plot", f"{HERE}/memory_vs_depth.png",
+         "--overlay-variant", "ctchain"]
   if args.fresh_memory:
     cmd.append("--fresh")
   # memory rows do not depend on load: no waiting for a quiet machine
@@ -209,6 +216,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--wait-quiet", type=float, default=0.0,
                  help="wait up to this many seconds for a quiet machine before each timing")
   p.add_argument("--quiet-load", type=float, default=1.0)
+  p.add_argument("--only", default="",
+                 help="run only commands containing all of these &-separated substrings")
   p.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
   args = p.parse_args(argv)
   os.makedirs(RESULTS_DIR, exist_ok=True)

@@ -29,6 +29,7 @@ module globals); `python benchmarks/run_variants.py` runs every one in its own s
               backward memory even with memory_efficient. Chained through barriers, each sum
               is accumulated layer by layer and the dead cotangents are freed.
   dot1x1_ctchain  both.
+  dot1x1_ctchain_sharedstats  all three.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from flax.linen import dtypes as flax_dtypes
 from densenet_jax import models
 
 VARIANTS = ("baseline", "dot1x1", "dot1x1_sharedstats", "dot1x1_buffer", "dot1x1_remat_layer",
-            "ctchain", "dot1x1_ctchain")
+            "ctchain", "dot1x1_ctchain", "dot1x1_ctchain_sharedstats")
 
 
 class Conv(nn.Module):
@@ -164,11 +165,15 @@ class _SharedStatsBlock(nn.Module):
   memory_efficient: bool
   norm: Any
   conv: Any
+  chain: bool = False
 
   @nn.compact
   def __call__(self, x, train: bool):
     features, stats = [x], [_piece_stats(x)]
     for i in range(self.num_layers):
+      if self.chain:
+        f, s = _grad_barrier((tuple(features), tuple(stats)))
+        features, stats = list(f), list(s)
       y = _SharedStatsLayer(self.growth_rate, self.bn_size, self.drop_rate,
                             self.memory_efficient, self.norm, self.conv,
                             name=f"denselayer{i + 1}")(features, stats, train)
@@ -284,6 +289,8 @@ def apply(name: str) -> None:
     models.DenseBlock = _RematWholeBlock
   elif name == "dot1x1_ctchain":
     models.DenseBlock = _CtChainBlock
+  elif name == "dot1x1_ctchain_sharedstats":
+    models.DenseBlock = functools.partial(_SharedStatsBlock, chain=True)
 
 
 def param_shapes(model: models.DenseNet, size: int) -> dict[str, tuple[int, ...]]:
