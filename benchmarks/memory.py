@@ -163,6 +163,7 @@ def plot(pairs: list[dict[str, Any]], path: str,
     quad = np.polyfit(d, y, 2)
     ax.plot(fine, np.polyval(quad, fine), "-", color=color, alpha=0.4, lw=1)
   batch = sweep[0]["batch"]
+  ax.set_ylim(bottom=0)
   ax.set_xlabel("depth L (DenseNet-BC, k=12, 32x32)")
   ax.set_ylabel(f"XLA temp memory of a training step (GiB), batch {batch}")
   ax.set_title("Training-step memory vs depth (dotted: linear fit, solid: quadratic fit)",
