@@ -17,6 +17,7 @@ Every compile of a deep net takes tens of seconds on 2 cores, so rows are cached
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import sys
@@ -35,12 +36,16 @@ COLUMNS = ("model", "depth", "k", "batch", "default_mib", "efficient_mib", "rati
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-_VARIANT = "baseline"
+def _model_code_hash() -> str:
+  """Fingerprint of the model source: a cached row is only reused for the same model code."""
+  with open(os.path.join(_common.REPO, "densenet_jax", "models.py"), "rb") as f:
+    return hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 def _key(name: str, batch: int, efficient: bool, jax_version: str) -> str:
-  variant = "" if _VARIANT == "baseline" else f"|{_VARIANT}"
-  return f"{name}|{batch}|{'efficient' if efficient else 'default'}|jax{jax_version}{variant}"
+  """Cache key of one row: model, batch, mode, jax version and the model code's fingerprint."""
+  return (f"{name}|{batch}|{'efficient' if efficient else 'default'}|jax{jax_version}"
+          f"|models.py:{_model_code_hash()}")
 
 
 def _load_cache(path: str | None) -> dict[str, dict[str, Any]]:
@@ -68,7 +73,7 @@ def measure_one(name: str, batch: int, efficient: bool, model=None) -> dict[str,
   temp = summary.train_step_temp_bytes(model, shape)
   return {
       "bench": "memory", "key": _key(name, batch, efficient, jax.__version__),
-      "model": name, "variant": _VARIANT, "depth": model.depth, "k": model.growth_rate, "batch": batch,
+      "model": name, "depth": model.depth, "k": model.growth_rate, "batch": batch,
       "input": shape[1], "memory_efficient": efficient, "temp_bytes": temp,
       "temp_mib": round(temp / 2**20, 1), "compile_s": round(time.perf_counter() - t0, 1),
       "date": _common.machine()["date"], "load_before": load_before, "load_after": _common.loadavg(),
@@ -76,6 +81,7 @@ def measure_one(name: str, batch: int, efficient: bool, model=None) -> dict[str,
 
 
 def sweep_model(depth: int, growth: int = 12):
+  """The DenseNet-BC of the depth sweep (CIFAR stem, 10 classes)."""
   from densenet_jax import models  # pylint: disable=g-import-not-at-top
   return models.densenet_cifar(depth=depth, growth_rate=growth)
 
@@ -129,8 +135,7 @@ def pair_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
   return list(out.values())
 
 
-def plot(pairs: list[dict[str, Any]], path: str,
-         overlay: list[dict[str, Any]] | None = None, overlay_label: str = "") -> bool:
+def plot(pairs: list[dict[str, Any]], path: str) -> bool:
   """Temp memory vs depth, both modes, with quadratic/linear fits; False without matplotlib."""
   try:
     import matplotlib  # pylint: disable=g-import-not-at-top
@@ -146,21 +151,16 @@ def plot(pairs: list[dict[str, Any]], path: str,
   depth = np.array([p["depth"] for p in sweep], float)
   fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
   fine = np.linspace(0, depth.max() * 1.02, 200)
-  series = [(depth, [p.get("default_mib") for p in sweep], "default (shipped)", "C3", "o"),
-            (depth, [p.get("efficient_mib") for p in sweep], "memory_efficient (shipped)",
-             "C0", "o")]
-  if overlay:
-    ov = sorted(overlay, key=lambda r: r["depth"])
-    series.append((np.array([r["depth"] for r in ov], float), [r["temp_mib"] for r in ov],
-                   overlay_label, "C2", "s"))
-  for d, ys, label, color, marker in series:
+  for key, label, color in (("default_mib", "default", "C3"),
+                            ("efficient_mib", "memory_efficient", "C0")):
+    ys = [p.get(key) for p in sweep]
     if any(y is None for y in ys) or len(ys) < 3:
       continue
     y = np.array(ys, float) / 1024
-    ax.plot(d, y, marker, color=color, label=label)
-    lin = np.polyfit(d, y, 1)
+    ax.plot(depth, y, "o", color=color, label=label)
+    lin = np.polyfit(depth, y, 1)
     ax.plot(fine, np.polyval(lin, fine), ":", color=color, alpha=0.6, lw=1)
-    quad = np.polyfit(d, y, 2)
+    quad = np.polyfit(depth, y, 2)
     ax.plot(fine, np.polyval(quad, fine), "-", color=color, alpha=0.4, lw=1)
   batch = sweep[0]["batch"]
   ax.set_ylim(bottom=0)
@@ -202,6 +202,7 @@ def fit_growth(pairs: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+  """Measures the requested rows; prints them, their pairs and fits as JSON lines."""
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--set", action="append", choices=("named", "sweep"), default=None,
@@ -215,19 +216,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                  help="JSONL cache of measured rows ('' disables)")
   p.add_argument("--fresh", action="store_true", help="ignore the cache")
   p.add_argument("--efficient-only", action="store_true", help="only memory_efficient rows")
-  p.add_argument("--variant", default="baseline",
-                 help="a model prototype of benchmarks/variants.py (rows keyed by it)")
-  p.add_argument("--overlay-variant", default=None,
-                 help="also plot this variant's cached memory_efficient sweep rows")
   p.add_argument("--plot", default=None, help="write the depth plot (PNG) here")
   p.add_argument("--markdown", default=None, help="append paired rows to this table")
   args = p.parse_args(argv)
   sets = args.set or ["named", "sweep"]
-  if args.variant != "baseline":
-    import variants  # pylint: disable=g-import-not-at-top
-    variants.apply(args.variant)
-    global _VARIANT  # pylint: disable=global-statement
-    _VARIANT = args.variant
   named = NAMED
   if args.models:
     named = tuple((m.split(":")[0], int(m.split(":")[1])) for m in args.models.split(","))
@@ -243,33 +235,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
   fits = fit_growth(pairs)
   if fits:
     _common.emit({"bench": "memory_fit", **fits})
-  overlay = None
-  if args.overlay_variant:
-    overlay = [r for r in _load_cache(args.cache).values()
-               if r.get("variant") == args.overlay_variant and r["memory_efficient"]
-               and r["batch"] == args.sweep_batch and r["k"] == args.growth
-               and r["model"].startswith("densenet_bc_")]
-    by_depth = {r["depth"]: r for r in overlay}
-    overlay = list(by_depth.values())
-    if overlay:
-      d = sorted(by_depth)
-      import numpy as np  # pylint: disable=g-import-not-at-top
-      y = np.array([by_depth[x]["temp_mib"] for x in d], float)
-      if len(d) >= 3:
-        quad = np.polyfit(d, y, 2)
-        lin = np.polyfit(d, y, 1)
-        resid = y - np.polyval(lin, d)
-        _common.emit({"bench": "memory_fit_overlay", "variant": args.overlay_variant,
-                      "depths": d, "efficient_mib": list(y),
-                      "linear_r2": round(1 - float(resid @ resid) /
-                                         float((y - y.mean()) @ (y - y.mean())), 4),
-                      "quadratic_share_at_max_depth": round(float(quad[0] * d[-1]**2 / y[-1]), 3),
-                      "ratio_deepest_to_shallowest": round(float(y[-1] / y[0]), 2),
-                      "depth_ratio": round(d[-1] / d[0], 2)})
-  if args.plot:
-    if plot(pairs, args.plot, overlay,
-            f"memory_efficient + {args.overlay_variant} (prototype)"):
-      _common.emit({"bench": "memory_plot", "path": args.plot})
+  if args.plot and plot(pairs, args.plot):
+    _common.emit({"bench": "memory_plot", "path": args.plot})
   return rows
 
 

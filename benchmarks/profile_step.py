@@ -9,7 +9,7 @@ thunk to its HLO instruction in the compiled module and classifies it:
   dot (fwd / bwd)         dot_general (e.g. 1x1 convs written as matmuls, the classifier)
   reduce fusion, concat fusion, transpose/copy, elementwise fusion, other
 
-    python benchmarks/profile_step.py --model densenet_bc_100 --batch 64 [--variant dot1x1]
+    python benchmarks/profile_step.py --model densenet_bc_100 --batch 64
 
 Prints a JSON line with seconds per category (summed over threads, per step) and the top ops;
 --dump-hlo FILE writes the optimised HLO text.
@@ -97,13 +97,13 @@ def classify(name: str, instrs, comps) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Profiles the compiled train step and prints its time by category as a JSON line."""
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="densenet_bc_100")
   p.add_argument("--batch", type=int, default=64)
   p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
   p.add_argument("--memory-efficient", action="store_true")
-  p.add_argument("--variant", default="baseline")
   p.add_argument("--block-config", default=None)
   p.add_argument("--steps", type=int, default=2)
   p.add_argument("--top", type=int, default=15)
@@ -121,9 +121,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   import train_step  # pylint: disable=g-import-not-at-top
   from train import train  # pylint: disable=g-import-not-at-top
 
-  if args.variant != "baseline":
-    import variants  # pylint: disable=g-import-not-at-top
-    variants.apply(args.variant)
   overrides = {}
   if args.block_config:
     overrides["block_config"] = tuple(int(n) for n in args.block_config.split(","))
@@ -195,7 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   top = sorted(per_op.items(), key=lambda kv: -kv[1])[:args.top]
   row = {
       "bench": "profile",
-      "model": args.model, "variant": args.variant, "batch": args.batch, "dtype": args.dtype,
+      "model": args.model, "batch": args.batch, "dtype": args.dtype,
       "memory_efficient": args.memory_efficient, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "wall_s_per_step": round(wall, 3), "process_cpu_s_per_step": round(cpu, 3),
       "thunk_s_per_step": round(total, 3),

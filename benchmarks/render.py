@@ -12,6 +12,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 BC100_GFLOP_PER_IMG = 1.728
+# densenet_jax.models integrated the dot1x1 + sharedstats + ctchain prototypes at this time:
+# XLA-flag rows measured before it (or with a prototype "variant") are of the older model.
+SHIPPED_SINCE = "2026-11-22T19:20"
+PROTOTYPES_COMMIT = "3df1acb"
 
 
 def _read(results_dir: str) -> dict[str, list[dict[str, Any]]]:
@@ -55,27 +59,33 @@ def _table(columns: list[tuple[str, str]], rows: list[dict[str, Any]]) -> str:
   return "\n".join(lines)
 
 
-def _step_key(r):
+def _step_key(r: dict[str, Any]) -> tuple:
   return (r.get("variant", "baseline"), r.get("model"), r.get("batch"), r.get("dtype"),
           r.get("memory_efficient"), r.get("xla_flags", ""))
 
 
-def _find(rows, **want):
+def _find(rows: list[dict[str, Any]], **want) -> dict[str, Any] | None:
+  """The last row with these field values (a missing xla_flags counts as none)."""
   for r in reversed(rows):
-    if all(r.get(k, "baseline" if k == "variant" else None) == v for k, v in want.items()):
+    if all(r.get(k, "" if k == "xla_flags" else None) == v for k, v in want.items()):
       return r
   return None
 
 
+def _shipped(r: dict[str, Any]) -> bool:
+  """Whether a train-step row measured the model as integrated (not a prototype, not older)."""
+  return r.get("variant", "baseline") == "baseline" and r.get("measured", "") >= SHIPPED_SINCE
+
+
 def render(results_dir: str) -> str:
+  """RESULTS.md's text from the rows in `results_dir`."""
   data = _read(results_dir)
   m = _common.machine()
   v = _common.versions()
   out = ["# densenet-jax benchmarks", ""]
-  out.append("Regenerate with `python benchmarks/run_all.py` (`--full` adds torch.compile, the "
-             "model prototypes of `benchmarks/variants.py` and XLA flags; `--render-only` "
-             "rewrites this file from `benchmarks/results/*.jsonl`). How the numbers were "
-             "taken and what they mean: `benchmarks/NOTES.md`.")
+  out.append("Regenerate with `python benchmarks/run_all.py` (`--full` adds torch.compile and "
+             "XLA flags; `--render-only` rewrites this file from `benchmarks/results/*.jsonl`). "
+             "How the numbers were taken and what they mean: `benchmarks/NOTES.md`.")
   out.append("")
   out.append(f"- Machine: {m['cpu']}, {m['cores']} cores, ISA {', '.join(m['isa'])}, "
              f"{m['memory_gib']} GiB; {m['platform']}")
@@ -90,18 +100,21 @@ def render(results_dir: str) -> str:
   out.append("")
 
   steps = _latest(data.get("train_step", []), _step_key)
-  variants = _latest(data.get("variants", []) + data.get("xla_flags", []), _step_key)
+  flag_rows = [r for r in data.get("xla_flags", []) if r.get("bench") == "train_step"]
+  flags = _latest([r for r in flag_rows if _shipped(r)], _step_key)
+  prototypes = _latest([r for r in data.get("variants", []) + flag_rows if not _shipped(r)],
+                       _step_key)
+  checks = [r for r in data.get("variant_checks", []) if "variant" in r]
   peers = _latest(data.get("peers_torch", []) + data.get("torch_compile", []) +
                   data.get("peers_keras", []),
                   lambda r: (r.get("peer"), r.get("model"), r.get("batch"), r.get("mode"),
                              r.get("memory_efficient")))
   steps = [r for r in steps if r.get("bench") == "train_step"]
-  variants = [r for r in variants if r.get("bench") == "train_step"]
+  prototypes = [r for r in prototypes if r.get("bench") == "train_step"]
   peers = [r for r in peers if r.get("bench") == "peer"]
   memory = data.get("memory", [])
   pairs = [r for r in memory if r.get("bench") == "memory_pair"]
   fits = next((r for r in memory if r.get("bench") == "memory_fit"), None)
-  overlay_fit = next((r for r in memory if r.get("bench") == "memory_fit_overlay"), None)
   pipes = _latest([r for r in data.get("input_pipeline", []) if r.get("bench") ==
                    "input_pipeline"], lambda r: r["pipeline"])
   roof = _latest([r for r in data.get("roof", []) if r.get("bench") == "roof"],
@@ -110,17 +123,13 @@ def render(results_dir: str) -> str:
   # ------------------------------------------------------------------ targets
   out += ["## Targets", ""]
   trows = []
-  best_variant = "dot1x1_ctchain_sharedstats"
 
-  def candidates(model, batch):
+  def candidates(model: str, batch: int) -> tuple[tuple[str, dict[str, Any] | None], ...]:
     return (
         ("as shipped", _find(steps, model=model, batch=batch, dtype="float32",
                              memory_efficient=False)),
         ("as shipped, memory_efficient=True", _find(steps, model=model, batch=batch,
                                                     dtype="float32", memory_efficient=True)),
-        (f"prototype `{best_variant}`, memory_efficient=True",
-         _find(variants, variant=best_variant, model=model, batch=batch, dtype="float32",
-               memory_efficient=True, xla_flags="")),
     )
 
   torch_bc = [r for r in peers if r["peer"] == "torch" and r["model"] == "bc100" and
@@ -158,27 +167,17 @@ def render(results_dir: str) -> str:
                   "measured": f"{bc_pair['efficient_mib']:.0f} vs {bc_pair['default_mib']:.0f} MiB",
                   "ratio": f"{bc_pair['ratio']:.2f}×",
                   "met": "yes" if bc_pair["ratio"] <= 0.5 else "NO", "load": "n/a"})
-  if fits:
-    e, d = fits["efficient_mib"], fits["default_mib"]
+  e, d = (fits or {}).get("efficient_mib"), (fits or {}).get("default_mib")
+  if e:
+    versus = (f" (default: R² {d['linear_r2']:.4f}, L² term "
+              f"{d['quadratic_share_at_max_depth']:.0%})" if d else "")
     trows.append({"target": "memory_efficient grows ~linearly with depth (BC k=12, b64)",
                   "measured": f"linear fit R² {e['linear_r2']:.4f}, L² term "
-                              f"{e['quadratic_share_at_max_depth']:.0%} of the deepest "
-                              f"(default: R² {d['linear_r2']:.4f}, L² term "
-                              f"{d['quadratic_share_at_max_depth']:.0%})",
+                              f"{e['quadratic_share_at_max_depth']:.0%} of the deepest" + versus,
                   "ratio": f"×{e['ratio_deepest_to_shallowest']:.1f} memory for "
-                           f"×{e['depth_ratio']:.1f} depth (default ×"
-                           f"{d['ratio_deepest_to_shallowest']:.1f})",
+                           f"×{e['depth_ratio']:.1f} depth" +
+                           (f" (default ×{d['ratio_deepest_to_shallowest']:.1f})" if d else ""),
                   "met": "yes" if e["quadratic_share_at_max_depth"] < 0.15 else "NO",
-                  "load": "n/a"})
-  if overlay_fit:
-    o = overlay_fit
-    trows.append({"target": f"… with the `{o['variant']}` prototype (memory_efficient, "
-                            f"L={o['depths'][0]}..{o['depths'][-1]})",
-                  "measured": f"linear fit R² {o['linear_r2']:.4f}, L² term "
-                              f"{o['quadratic_share_at_max_depth']:.0%} of the deepest",
-                  "ratio": f"×{o['ratio_deepest_to_shallowest']:.1f} memory for "
-                           f"×{o['depth_ratio']:.1f} depth",
-                  "met": "yes" if o["quadratic_share_at_max_depth"] < 0.15 else "NO",
                   "load": "n/a"})
   out.append(_table([("target", "target"), ("measured", "measured"), ("ours/peer", "ratio"),
                      ("met", "met"), ("load ours / peer", "load")], trows) if trows else
@@ -206,15 +205,24 @@ def render(results_dir: str) -> str:
     out.append("")
     out.append(_table(step_cols, steps))
     out.append("")
-  if variants:
-    out += ["## Prototypes and XLA flags (benchmark-local, `benchmarks/variants.py`)", ""]
-    base = {(_step_key(r)[1:5]): r for r in steps}
-    cols = [("variant", "variant"), ("xla_flags", "xla_flags")] + step_cols[:4] + [
+  if flags:
+    out += ["## XLA flags (the shipped model)", ""]
+    out.append("`train_step.py --xla-flags=…`; \"× no flag\" divides by the train-step row of "
+               "the same model, batch, dtype and memory_efficient without flags, when that row "
+               f"was also measured on the shipped model (since {SHIPPED_SINCE}).")
+    out.append("")
+
+    def no_flag(r: dict[str, Any]) -> dict[str, Any] | None:
+      base = _find(steps, model=r["model"], batch=r["batch"], dtype=r["dtype"],
+                   memory_efficient=r["memory_efficient"], xla_flags="")
+      return base if base and _shipped(base) else None
+
+    cols = [("flag", "xla_flags")] + step_cols[:4] + [
         ("compile s", "compile_s"), ("step ms", "step_ms"), ("img/s", "img_per_s"),
-        ("× as shipped", lambda r: round(r["img_per_s"] / base[_step_key(r)[1:5]]["img_per_s"], 2)
-         if _step_key(r)[1:5] in base else ""),
+        ("× no flag", lambda r: round(r["img_per_s"] / no_flag(r)["img_per_s"], 2)
+         if no_flag(r) else ""),
         ("temp MiB", "temp_mib"), ("load", _load), ("measured", "measured")]
-    out.append(_table(cols, variants))
+    out.append(_table(cols, flags))
     out.append("")
 
   # ------------------------------------------------------------------ peers
@@ -226,23 +234,17 @@ def render(results_dir: str) -> str:
                "on the JAX backend.")
     out.append("")
 
-    def ours_for(r):
+    def ours_over_peer(r: dict[str, Any], efficient: bool) -> float | str:
       model = "densenet_bc_100" if r["model"] == "bc100" else r["model"]
-      return _find(steps, model=model, batch=r["batch"], dtype="float32",
-                   memory_efficient=bool(r.get("memory_efficient")))
-
-    def ours_fix_for(r):
-      model = "densenet_bc_100" if r["model"] == "bc100" else r["model"]
-      return _find(variants, variant=best_variant, model=model, batch=r["batch"],
-                   dtype="float32", memory_efficient=True, xla_flags="")
+      ours = _find(steps, model=model, batch=r["batch"], dtype="float32",
+                   memory_efficient=efficient)
+      return round(ours["img_per_s"] / r["img_per_s"], 2) if ours else ""
 
     cols = [("peer", "peer"), ("model", "model"), ("batch", "batch"), ("mode", "mode"),
             ("compile/first step s", lambda r: r.get("compile_s") or r.get("first_step_s")),
             ("step ms", "step_ms"), ("img/s", "img_per_s"),
-            ("ours/peer (as shipped)", lambda r: round(ours_for(r)["img_per_s"] /
-                                                        r["img_per_s"], 2) if ours_for(r) else ""),
-            ("ours/peer (prototype, ME)", lambda r: round(ours_fix_for(r)["img_per_s"] /
-                                                        r["img_per_s"], 2) if ours_fix_for(r) else ""),
+            ("ours/peer (as shipped)", lambda r: ours_over_peer(r, False)),
+            ("ours/peer (as shipped, memory_efficient)", lambda r: ours_over_peer(r, True)),
             ("load", _load), ("measured", "measured")]
     out.append(_table(cols, peers))
     out.append("")
@@ -256,9 +258,9 @@ def render(results_dir: str) -> str:
     cols = [("model", "model"), ("depth", "depth"), ("k", "k"), ("batch", "batch"),
             ("default MiB", "default_mib"), ("memory_efficient MiB", "efficient_mib"),
             ("ratio", "ratio"), ("compile s (both)", "compile_s")]
-    out.append(_table(cols, [p for p in pairs if p["set"] == "named"]))
+    out.append(_table(cols, [p for p in pairs if p.get("set") == "named"]))
     out.append("")
-    sweep = sorted((p for p in pairs if p["set"] == "sweep"), key=lambda p: p["depth"])
+    sweep = sorted((p for p in pairs if p.get("set") == "sweep"), key=lambda p: p["depth"])
     if sweep:
       out.append("Depth sweep, DenseNet-BC k=12, batch 64 (`memory_vs_depth.png`):")
       out.append("")
@@ -270,12 +272,6 @@ def render(results_dir: str) -> str:
             f"{f['quadratic_share_at_max_depth']:.0%} of the deepest net, "
             f"{f['mib_per_depth_linear']} MiB per unit of depth"
             for k, f in fits.items() if isinstance(f, dict)))
-        out.append("")
-      if overlay_fit:
-        out.append(f"Prototype `{overlay_fit['variant']}` (benchmarks/variants.py), "
-                   f"memory_efficient, same sweep: " + ", ".join(
-                       f"L={d}: {m:,.0f} MiB" for d, m in zip(overlay_fit["depths"],
-                                                               overlay_fit["efficient_mib"])))
         out.append("")
       out.append("![temp memory vs depth](memory_vs_depth.png)")
       out.append("")
@@ -304,12 +300,44 @@ def render(results_dir: str) -> str:
                "DenseNet-121 b8).")
     out.append("")
 
+  # ------------------------------------------------------------------ history
+  if prototypes or checks:
+    out += [(f"## Prototypes measured before integration (benchmarks/variants.py at commit "
+             f"{PROTOTYPES_COMMIT}; the shipped model now includes dot1x1 + sharedstats + "
+             "ctchain)"), ""]
+    out.append("Historical numbers, kept as recorded: each prototype was patched into the "
+               "model of that time, which the shipped model has since replaced, so they are "
+               "not comparable with the tables above. `variants.py` and its description of "
+               f"each prototype are in git history (`git show {PROTOTYPES_COMMIT}:"
+               "benchmarks/variants.py`).")
+    out.append("")
+  if prototypes:
+    cols = [("variant", lambda r: "none (the model of that time)"
+             if r.get("variant", "baseline") == "baseline" else r["variant"])]
+    if any(r.get("xla_flags") for r in prototypes):
+      cols.append(("xla_flags", "xla_flags"))
+    cols += step_cols[:4] + [("img/s", "img_per_s"), ("temp MiB", "temp_mib"), ("load", _load),
+                             ("measured", "measured")]
+    out.append(_table(cols, prototypes))
+    out.append("")
+  if checks:
+    out.append("Equivalence checks (`variants.check`: a BC-16 k=12 net, batch 8, random weights "
+               "and data; each prototype against the model of that time):")
+    out.append("")
+    out.append(_table([("variant", "variant"), ("memory_efficient", "memory_efficient"),
+                       ("loss abs err", "loss_abs_err"),
+                       ("grad max rel err", "grad_max_rel_err"),
+                       ("batch_stats max rel err", "batch_stats_max_rel_err")], checks))
+    out.append("")
+
   last_per_cmd = _latest([r for rows in data.values() for r in rows],
                          lambda r: (r.get("stage"), r.get("cmd"), r.get("bench") == "failed"
                                     or r.get("bench")))
-  failures = [r for r in last_per_cmd if r.get("bench") == "failed" and not any(
-      o.get("cmd") == r.get("cmd") and o.get("bench") != "failed" and
-      o.get("measured", "") > r.get("measured", "") for o in last_per_cmd)]
+  # runs of the removed prototype stage (every command with --variant) are never retried
+  failures = [r for r in last_per_cmd if r.get("bench") == "failed" and
+              "--variant " not in r.get("cmd", "") and not any(
+                  o.get("cmd") == r.get("cmd") and o.get("bench") != "failed" and
+                  o.get("measured", "") > r.get("measured", "") for o in last_per_cmd)]
   if failures:
     out += ["## Failed or skipped runs", ""]
     out.append(_table([("stage", "stage"), ("command", "cmd"), ("error", "error"),

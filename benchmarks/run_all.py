@@ -1,17 +1,17 @@
 """One command for every benchmark number: runs the stages, then regenerates RESULTS.md.
 
-Each measurement runs in its own subprocess (XLA flags and model prototypes are per-process),
+Each measurement runs in its own subprocess (XLA flags are per-process),
 appends its JSON row to benchmarks/results/<stage>.jsonl, and RESULTS.md is rendered from the
 newest row of every configuration in those files (with the date and load average it was
 measured at). A stage that is not rerun keeps its previous rows, so
 
     python benchmarks/run_all.py                 # default stages (~15 min on 2 quiet cores)
-    python benchmarks/run_all.py --full          # + torch.compile, model variants, XLA flags
+    python benchmarks/run_all.py --full          # + torch.compile, XLA flags
     python benchmarks/run_all.py --stages roof,train_step   # refresh some stages
     python benchmarks/run_all.py --render-only   # rewrite RESULTS.md from the saved rows
 
 Stages: roof, train_step, memory, input_pipeline, peers_torch, peers_keras (default);
-torch_compile, variants, xla_flags (--full). --wait-quiet N waits (up to N s) for the
+torch_compile, xla_flags (--full). --wait-quiet N waits (up to N s) for the
 1-minute load average to drop below --quiet-load before each timing measurement.
 """
 
@@ -34,7 +34,7 @@ PY = sys.executable
 
 DEFAULT_STAGES = ("roof", "train_step", "memory", "input_pipeline", "peers_torch",
                   "peers_keras")
-FULL_STAGES = ("torch_compile", "variants", "xla_flags")
+FULL_STAGES = ("torch_compile", "xla_flags")
 STEPS = 10
 WARMUP = 1
 
@@ -49,29 +49,13 @@ TRAIN_STEP_CONFIGS = (
     ("densenet121", 8, "bfloat16", False),
     ("densenet121", 8, "bfloat16", True),
 )
-VARIANT_CONFIGS = (
-    # (variant, model, batch, dtype, memory_efficient)
-    ("dot1x1", "densenet_bc_100", 64, "float32", False),
-    ("dot1x1", "densenet_bc_100", 64, "float32", True),
-    ("dot1x1", "densenet121", 8, "float32", False),
-    ("dot1x1", "densenet_bc_100", 64, "bfloat16", False),
-    ("dot1x1_sharedstats", "densenet_bc_100", 64, "float32", False),
-    ("dot1x1_ctchain", "densenet_bc_100", 64, "float32", True),
-    ("dot1x1_ctchain", "densenet_bc_100", 64, "float32", False),
-    ("ctchain", "densenet_bc_100", 64, "float32", True),
-    ("dot1x1_ctchain_sharedstats", "densenet_bc_100", 64, "float32", False),
-    ("dot1x1_ctchain_sharedstats", "densenet_bc_100", 64, "float32", True),
-    ("dot1x1_ctchain_sharedstats", "densenet121", 8, "float32", True),
-    ("dot1x1_remat_layer", "densenet_bc_100", 64, "float32", True),
-    ("dot1x1_buffer", "densenet_bc_100", 64, "float32", False),
-    ("dot1x1", "densenet121", 8, "float32", True),
-)
+GREEDY = "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"
 XLA_FLAG_CONFIGS = (
-    # (variant, flags) on BC-100 batch 64 float32
-    ("dot1x1", "--xla_cpu_experimental_xnn_graph_fusion_mode=XNN_GRAPH_FUSION_MODE_GREEDY"),
-    ("dot1x1", "--xla_cpu_use_onednn=true"),
-    ("baseline", "--xla_cpu_use_thunk_runtime=false"),
-    ("dot1x1", "--xla_cpu_prefer_vector_width=512"),
+    # (flags, memory_efficient) on the shipped BC-100, batch 64, float32
+    (GREEDY, True),
+    (GREEDY, False),
+    ("--xla_cpu_use_onednn=true", True),
+    ("--xla_cpu_prefer_vector_width=512", True),
 )
 
 
@@ -125,11 +109,13 @@ def _failure(stage: str, cmd: list[str], why: str) -> dict[str, Any]:
   return {"bench": "failed", "stage": stage, "error": why}
 
 
-def stage_roof(args):
+def stage_roof(args: argparse.Namespace) -> None:
+  """Large-GEMM GFLOP/s of this machine (the roof of the roof_frac columns)."""
   _run([PY, f"{HERE}/roof.py"], "roof", args)
 
 
-def stage_train_step(args):
+def stage_train_step(args: argparse.Namespace) -> None:
+  """The shipped train step for every TRAIN_STEP_CONFIGS row."""
   for model, batch, dtype, eff in TRAIN_STEP_CONFIGS:
     cmd = [PY, f"{HERE}/train_step.py", "--model", model, "--batch", str(batch),
            "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(WARMUP)]
@@ -138,9 +124,9 @@ def stage_train_step(args):
     _run(cmd, "train_step", args)
 
 
-def stage_memory(args):
-  cmd = [PY, f"{HERE}/memory.py", "--plot", f"{HERE}/memory_vs_depth.png",
-         "--overlay-variant", "ctchain"]
+def stage_memory(args: argparse.Namespace) -> None:
+  """Training-step temp memory (named models and the depth sweep) and its plot."""
+  cmd = [PY, f"{HERE}/memory.py", "--plot", f"{HERE}/memory_vs_depth.png"]
   if args.fresh_memory:
     cmd.append("--fresh")
   # memory rows do not depend on load: no waiting for a quiet machine
@@ -148,7 +134,8 @@ def stage_memory(args):
   _run(cmd, "memory", args, timeout=5400, quiet=False)
 
 
-def stage_input_pipeline(args):
+def stage_input_pipeline(args: argparse.Namespace) -> None:
+  """The CIFAR and ImageNet input pipelines alone."""
   _run([PY, f"{HERE}/input_pipeline.py"], "input_pipeline", args)
 
 
@@ -156,7 +143,10 @@ def _torch_available() -> bool:
   return subprocess.run([PY, "-c", "import torch, torchvision"], capture_output=True).returncode == 0
 
 
-def stage_peers_torch(args, modes=("eager_nchw", "eager_channels_last"), stage="peers_torch"):
+def stage_peers_torch(args: argparse.Namespace,
+                      modes: tuple[str, ...] = ("eager_nchw", "eager_channels_last"),
+                      stage: str = "peers_torch") -> None:
+  """torchvision-style DenseNets in eager torch (skipped without torch)."""
   if not _torch_available():
     print("[peers_torch] torch/torchvision not importable: skipped", file=sys.stderr)
     return
@@ -166,7 +156,8 @@ def stage_peers_torch(args, modes=("eager_nchw", "eager_channels_last"), stage="
             mode, "--steps", str(args.steps), "--warmup", str(WARMUP)], stage, args)
 
 
-def stage_torch_compile(args):
+def stage_torch_compile(args: argparse.Namespace) -> None:
+  """The BC-100 torch peer under torch.compile (skipped without torch)."""
   # inductor compiles the BC-100 training step in ~5.5 min on 2 cores; DenseNet-121's would
   # take longer than this stage is worth, so only BC-100
   if not _torch_available():
@@ -177,39 +168,37 @@ def stage_torch_compile(args):
          timeout=1200)
 
 
-def stage_peers_keras(args):
+def stage_peers_keras(args: argparse.Namespace) -> None:
+  """Keras 3 DenseNet-121 on the JAX backend."""
   _run([PY, f"{HERE}/peers_keras.py", "--batch", "8", "--steps", str(args.steps),
         "--warmup", str(WARMUP)], "peers_keras", args)
 
 
-def stage_variants(args):
-  for variant, model, batch, dtype, eff in VARIANT_CONFIGS:
-    cmd = [PY, f"{HERE}/train_step.py", "--variant", variant, "--model", model, "--batch",
-           str(batch), "--dtype", dtype, "--steps", str(args.steps), "--warmup", str(WARMUP)]
+def stage_xla_flags(args: argparse.Namespace) -> None:
+  """The shipped BC-100 train step under each XLA_FLAG_CONFIGS flag."""
+  for flags, eff in XLA_FLAG_CONFIGS:
+    cmd = [PY, f"{HERE}/train_step.py", "--model", "densenet_bc_100", "--batch", "64",
+           "--dtype", "float32", "--steps", str(args.steps), "--warmup", str(WARMUP),
+           f"--xla-flags={flags}"]
     if eff:
       cmd.append("--memory-efficient")
-    _run(cmd, "variants", args)
-
-
-def stage_xla_flags(args):
-  for variant, flags in XLA_FLAG_CONFIGS:
-    _run([PY, f"{HERE}/train_step.py", "--variant", variant, "--steps", str(args.steps),
-          "--warmup", str(WARMUP), f"--xla-flags={flags}"], "xla_flags", args)
+    _run(cmd, "xla_flags", args)
 
 
 STAGES: dict[str, Callable] = {
     "roof": stage_roof, "train_step": stage_train_step, "memory": stage_memory,
     "input_pipeline": stage_input_pipeline, "peers_torch": stage_peers_torch,
     "peers_keras": stage_peers_keras, "torch_compile": stage_torch_compile,
-    "variants": stage_variants, "xla_flags": stage_xla_flags,
+    "xla_flags": stage_xla_flags,
 }
 
 
 def main(argv: list[str] | None = None) -> None:
+  """Runs the requested stages, then renders RESULTS.md."""
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--stages", default=None, help="comma-separated stages (default: the core)")
-  p.add_argument("--full", action="store_true", help="also torch_compile, variants, xla_flags")
+  p.add_argument("--full", action="store_true", help="also torch_compile, xla_flags")
   p.add_argument("--render-only", action="store_true")
   p.add_argument("--steps", type=int, default=STEPS, help="timed steps per measurement")
   p.add_argument("--fresh-memory", action="store_true", help="recompile every memory row")

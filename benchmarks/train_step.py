@@ -28,7 +28,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-COLUMNS = ("model", "variant", "batch", "image", "dtype", "memory_efficient", "xla_flags", "lower_s",
+COLUMNS = ("model", "batch", "image", "dtype", "memory_efficient", "xla_flags", "lower_s",
            "compile_s", "step_ms", "img_per_s", "img_per_s_best", "gflop_per_img",
            "gflops", "roof_frac", "load_before", "load_after")
 DEFAULT_ROOF_GFLOPS = 190.0  # 2 cores of this machine, float32 (see benchmarks/roof.py)
@@ -150,6 +150,7 @@ def measure(config, steps: int = 10, warmup: int = 2, image_size: int | None = N
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+  """The command line of this script."""
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="densenet_bc_100", help="a densenet_jax preset name")
@@ -164,8 +165,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
   p.add_argument("--block-config", default=None,
                  help="override block_config, e.g. 2,2,2 (tiny smoke-test nets)")
   p.add_argument("--growth-rate", type=int, default=None, help="override growth_rate")
-  p.add_argument("--variant", default="baseline",
-                 help="a benchmark-local model prototype from benchmarks/variants.py")
   p.add_argument("--xla-flags", default=None,
                  help="appended to XLA_FLAGS before JAX starts (e.g. --xla_cpu_use_onednn=true)")
   p.add_argument("--roof-gflops", type=float, default=DEFAULT_ROOF_GFLOPS,
@@ -175,6 +174,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Measures one configuration and prints its JSON row."""
   args = parse_args(argv)
   if args.xla_flags:
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
@@ -186,13 +186,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     overrides["num_init_features"] = 2 * args.growth_rate
   if args.num_classes is not None:
     overrides["num_classes"] = args.num_classes
-  if args.variant != "baseline":
-    import variants  # pylint: disable=g-import-not-at-top
-    variants.apply(args.variant)
   config = build_config(args.model, args.batch, args.dtype, args.memory_efficient, overrides)
   row = measure(config, steps=args.steps, warmup=args.warmup, image_size=args.image_size,
                 roof_gflops=args.roof_gflops)
-  row["variant"] = args.variant
   if overrides:
     row["overrides"] = {k: list(v) if isinstance(v, tuple) else v for k, v in overrides.items()}
   _common.emit(row)

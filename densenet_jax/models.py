@@ -29,6 +29,98 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 STEMS = ("cifar", "imagenet")
 
 
+class Conv(nn.Module):
+  """A bias-free convolution with nn.Conv's `kernel` parameter and torchvision's padding.
+
+  A 1x1 stride-1 kernel runs as one matmul over channels: XLA:CPU lowers the weight
+  gradient of a 1x1 convolution as a convolution whose window is the whole image, several
+  times slower than the same contraction as a GEMM (benchmarks/NOTES.md).
+  """
+
+  features: int
+  kernel_size: tuple[int, int]
+  strides: tuple[int, int] = (1, 1)
+  dtype: Any = jnp.float32
+  param_dtype: Any = jnp.float32
+  kernel_init: Callable[..., Array] = he_normal
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    """Convolves NHWC `x` with an HWIO kernel."""
+    kernel = self.param("kernel", self.kernel_init,
+                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    if tuple(self.kernel_size) == (1, 1) and tuple(self.strides) == (1, 1):
+      return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
+    # torchvision's symmetric k//2 ('SAME' would pad a stride-2 convolution asymmetrically).
+    padding = [(k // 2, k // 2) for k in self.kernel_size]
+    return jax.lax.conv_general_dilated(x, kernel, self.strides, padding,
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def batch_moments(x: Array, axis_name: str | tuple[str, ...] | None = None) -> Array:
+  """Per-channel batch (mean, mean of squares) of NHWC `x`, float32, shape (2, C)."""
+  x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
+  moments = jnp.stack([jnp.mean(x, axis=(0, 1, 2)), jnp.mean(jnp.square(x), axis=(0, 1, 2))])
+  return moments if axis_name is None else jax.lax.pmean(moments, axis_name)
+
+
+class ConcatBatchNorm(nn.Module):
+  """BatchNorm of the concatenation of feature maps whose batch moments are already known.
+
+  Training-mode BatchNorm is per channel, so a feature map's statistics do not depend on
+  which later layer reads it: the block computes each map's moments once (O(L) reductions)
+  instead of every layer re-reducing its whole input (O(L^2)). Same math, parameters and
+  statistics as `nn.BatchNorm` (`scale`, `bias`; `mean`, `var`).
+  """
+
+  momentum: float
+  epsilon: float
+  dtype: Any
+  param_dtype: Any
+
+  @nn.compact
+  def __call__(self, features: Sequence[Array], moments: Sequence[Array] | None,
+               train: bool) -> Array:
+    """Normalises concat(features); `moments` (one (2, C_i) per map) is used in training."""
+    x = jnp.concatenate(features, axis=-1)
+    c = x.shape[-1]
+    ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
+    ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
+    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
+    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
+    if train:
+      mean, mean_sq = jnp.concatenate(moments, axis=-1)
+      var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
+      if not self.is_initializing():
+        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    else:
+      mean, var = ra_mean.value, ra_var.value
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    # x * mul + shift rather than (x - mean) * mul: autodiff then keeps x, which the
+    # concatenation holds anyway, instead of a centred copy per layer.
+    y = x * mul + (bias - mean * mul)
+    return jnp.asarray(y, self.dtype)
+
+
+@jax.custom_vjp
+def _chain_cotangents(tree: Any) -> Any:
+  """Identity whose backward pins the cotangents, so they accumulate layer by layer."""
+  return tree
+
+
+def _chain_fwd(tree: Any) -> tuple[Any, None]:
+  return tree, None
+
+
+def _chain_bwd(_: None, cotangents: Any) -> tuple[Any]:
+  return (jax.lax.optimization_barrier(cotangents),)
+
+
+_chain_cotangents.defvjp(_chain_fwd, _chain_bwd)
+
+
 class DenseLayer(nn.Module):
   """H_l: [BN-ReLU-Conv1x1(bn_size*k)]-BN-ReLU-Conv3x3(k) on the concatenated inputs."""
 
@@ -36,30 +128,32 @@ class DenseLayer(nn.Module):
   bn_size: int | None  # None: the basic layer without bottleneck
   drop_rate: float
   memory_efficient: bool
+  concat_norm: ModuleDef
   norm: ModuleDef
   conv: ModuleDef
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], train: bool) -> Array:
-    """Returns the k new feature maps computed from all earlier ones."""
+  def __call__(self, features: Sequence[Array], moments: Sequence[Array] | None,
+               train: bool) -> Array:
+    """Returns the k new feature maps computed from all earlier ones (and their moments)."""
     bottleneck = self.bn_size is not None
     width = self.bn_size * self.growth_rate if bottleneck else self.growth_rate
     kernel = (1, 1) if bottleneck else (3, 3)
 
-    def first_conv(module: nn.Module, features: Sequence[Array], train: bool) -> Array:
+    def first_conv(module: nn.Module, features: Sequence[Array],
+                   moments: Sequence[Array] | None, train: bool) -> Array:
       del module  # the lifted scope; submodules below attach to it
-      x = jnp.concatenate(features, axis=-1)
-      x = nn.relu(self.norm(name="norm1")(x, use_running_average=not train))
-      return self.conv(width, kernel, padding=_same(kernel), name="conv1")(x)
+      x = nn.relu(self.concat_norm(name="norm1")(features, moments, train))
+      return self.conv(width, kernel, name="conv1")(x)
 
     if self.memory_efficient:
       # Pleiss et al. 2017: the concat+BN+ReLU output is the only tensor that grows with
       # the layer index; recomputing it in the backward pass makes memory linear in depth.
-      first_conv = nn.remat(first_conv, static_argnums=(2,))
-    y = self._dropout(first_conv(self, features, train), train)
+      first_conv = nn.remat(first_conv, static_argnums=(3,))
+    y = self._dropout(first_conv(self, features, moments, train), train)
     if bottleneck:
       y = nn.relu(self.norm(name="norm2")(y, use_running_average=not train))
-      y = self.conv(self.growth_rate, (3, 3), padding=_same((3, 3)), name="conv2")(y)
+      y = self.conv(self.growth_rate, (3, 3), name="conv2")(y)
       y = self._dropout(y, train)
     return y
 
@@ -77,24 +171,36 @@ class DenseBlock(nn.Module):
   bn_size: int | None
   drop_rate: float
   memory_efficient: bool
+  concat_norm: ModuleDef
   norm: ModuleDef
   conv: ModuleDef
+  bn_axis_name: str | tuple[str, ...] | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Maps m0 channels to m0 + num_layers * growth_rate channels."""
-    features = [x]
+    axis_name = None if self.is_initializing() else self.bn_axis_name
+
+    def moments_of(x: Array) -> Array | None:
+      return batch_moments(x, axis_name) if train else None
+
+    features, moments = [x], [moments_of(x)]
     for i in range(self.num_layers):
+      # Without the chain, autodiff sums each map's gradient over all later layers in one
+      # fusion that keeps every later layer's input gradient alive: O(L^2) backward memory.
+      features, moments = _chain_cotangents((features, moments))
       layer = DenseLayer(
           growth_rate=self.growth_rate,
           bn_size=self.bn_size,
           drop_rate=self.drop_rate,
           memory_efficient=self.memory_efficient,
+          concat_norm=self.concat_norm,
           norm=self.norm,
           conv=self.conv,
           name=f"denselayer{i + 1}",
       )
-      features.append(layer(features, train))
+      y = layer(features, moments, train)
+      features, moments = [*features, y], [*moments, moments_of(y)]
     return jnp.concatenate(features, axis=-1)
 
 
@@ -197,18 +303,18 @@ class DenseNet(nn.Module):
         param_dtype=self.param_dtype,
         axis_name=self.bn_axis_name,
     )
-    conv = functools.partial(
-        nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype,
-        kernel_init=he_normal,
+    concat_norm = functools.partial(
+        ConcatBatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
+        param_dtype=self.param_dtype,
     )
+    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
     x = jnp.asarray(x, self.dtype)
     if self.stem == "imagenet":
-      x = conv(self.num_init_features, (7, 7), strides=(2, 2), padding=_same((7, 7)),
-               name="conv0")(x)
+      x = conv(self.num_init_features, (7, 7), strides=(2, 2), name="conv0")(x)
       x = nn.relu(norm(name="norm0")(x, use_running_average=not train))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
-      x = conv(self.num_init_features, (3, 3), padding=_same((3, 3)), name="conv0")(x)
+      x = conv(self.num_init_features, (3, 3), name="conv0")(x)
     stages = {"stem": x}
 
     channels = self.block_channels()
@@ -219,8 +325,10 @@ class DenseNet(nn.Module):
           bn_size=self.bn_size,
           drop_rate=self.drop_rate,
           memory_efficient=self.memory_efficient,
+          concat_norm=concat_norm,
           norm=norm,
           conv=conv,
+          bn_axis_name=self.bn_axis_name,
           name=f"denseblock{i + 1}",
       )(x, train)
       stages[f"block{i + 1}"] = x
@@ -255,11 +363,6 @@ class DenseNet(nn.Module):
           f"Input {shape[1]}x{shape[2]} is too small for a {len(self.block_config)}-block "
           f"DenseNet with the '{self.stem}' stem: it needs at least "
           f"{self.min_input_size()}x{self.min_input_size()}. Resize the images up.")
-
-
-def _same(kernel: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
-  """torchvision's symmetric padding k//2 (flax 'SAME' pads stride-2 convs asymmetrically)."""
-  return ((kernel[0] // 2, kernel[0] // 2), (kernel[1] // 2, kernel[1] // 2))
 
 
 def _stage_sizes(size: int, stem: str, num_blocks: int) -> list[int] | None:

@@ -57,6 +57,31 @@ def test_train_step_and_memory_scripts_print_json(tmp_path, capsys):
   assert "## Train step" in text and "Depth sweep" in text and "## Targets" in text
 
 
+def test_render_separates_shipped_xla_flag_rows_from_prototypes(tmp_path):
+  render = _import("render")
+  step = {"bench": "train_step", "model": "densenet_bc_100", "batch": 64, "dtype": "float32",
+          "memory_efficient": True, "xla_flags": "", "img_per_s": 20.0,
+          "measured": "2026-11-22T20:00:00+00:00"}
+  flag = "--xla_cpu_use_onednn=true"
+  rows = {
+      "train_step": [step],
+      "xla_flags": [dict(step, variant="dot1x1", xla_flags=flag, img_per_s=11.0,
+                         measured="2026-11-22T19:00:00+00:00"),
+                    dict(step, xla_flags=flag, img_per_s=25.0)],
+      "variants": [dict(step, variant="dot1x1", img_per_s=17.0,
+                        measured="2026-11-22T18:30:00+00:00")],
+      "memory": [],  # a memory run in progress has truncated its file
+  }
+  for stage, stage_rows in rows.items():
+    (tmp_path / f"{stage}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in stage_rows))
+  text = render.render(str(tmp_path))
+  current, history = text.split("## Prototypes measured before integration")
+  flags_table = current.split("## XLA flags")[1]
+  assert f"| {flag} |" in flags_table and "| 1.25 |" in flags_table  # 25 / 20 img/s
+  assert "| 11.0 |" not in current and "| 11.0 |" in history and "| 17.0 |" in history
+  assert "Training-step memory" not in text
+
+
 @pytest.mark.skipif(subprocess.run([sys.executable, "-c", "import torch, torchvision"],
                                    capture_output=True).returncode != 0,
                     reason="torch/torchvision not installed (the peers are optional)")
