@@ -104,23 +104,6 @@ class ConcatBatchNorm(nn.Module):
     return jnp.asarray(y, self.dtype)
 
 
-@jax.custom_vjp
-def _chain_cotangents(tree: Any) -> Any:
-  """Identity whose backward pins the cotangents, so they accumulate layer by layer."""
-  return tree
-
-
-def _chain_fwd(tree: Any) -> tuple[Any, None]:
-  return tree, None
-
-
-def _chain_bwd(_: None, cotangents: Any) -> tuple[Any]:
-  return (jax.lax.optimization_barrier(cotangents),)
-
-
-_chain_cotangents.defvjp(_chain_fwd, _chain_bwd)
-
-
 class DenseLayer(nn.Module):
   """H_l: [BN-ReLU-Conv1x1(bn_size*k)]-BN-ReLU-Conv3x3(k) on the concatenated inputs."""
 
@@ -186,9 +169,10 @@ class DenseBlock(nn.Module):
 
     features, moments = [x], [moments_of(x)]
     for i in range(self.num_layers):
-      # Without the chain, autodiff sums each map's gradient over all later layers in one
-      # fusion that keeps every later layer's input gradient alive: O(L^2) backward memory.
-      features, moments = _chain_cotangents((features, moments))
+      # The barrier's transpose is a barrier on the gradients: each map's gradient is then
+      # accumulated layer by layer. Without it, XLA sums it over all later layers in one
+      # fusion that keeps every later layer's input gradient alive (O(L^2) memory).
+      features, moments = jax.lax.optimization_barrier((features, moments))
       layer = DenseLayer(
           growth_rate=self.growth_rate,
           bn_size=self.bn_size,

@@ -291,3 +291,18 @@ def test_summary_counts_paper_macs():
   assert round(summary.forward_macs(models.densenet121(), (1, 224, 224, 3)) / 1e9, 2) == 2.83
   rows = [summary.summarize("densenet40", memory=False)]
   assert "| densenet40 | 40 | 12 | 32x32 | 1,019,722 | 0.265 |" in summary.markdown(rows)
+
+
+def test_forward_mode_autodiff_agrees_with_reverse_mode():
+  model = tiny(depth=10)
+  x = images((4, 8, 8, 3))
+  v = init(model, x)
+  labels = jnp.arange(4) % 5
+  loss = lambda p: summary.train_loss(model, p, v["batch_stats"], x, labels)[0]  # noqa: E731
+  direction = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), v["params"])
+  _, tangent = jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))(v["params"], direction)
+  grads = jax.jit(jax.grad(loss))(v["params"])
+  dot = sum(jnp.vdot(g, t) for g, t in zip(jax.tree_util.tree_leaves(grads),
+                                           jax.tree_util.tree_leaves(direction)))
+  np.testing.assert_allclose(tangent, dot, rtol=1e-4)
+  assert abs(float(dot)) > 1e-6
