@@ -7,6 +7,12 @@ downsamples, and `DenseNet` stacks them behind a CIFAR or ImageNet stem.
 
 Parameter names follow torchvision (`conv0`, `norm0`, `denseblock1/denselayer1/norm1`,
 `transition1/conv`, ...) so that weight conversion is a rename, not a puzzle.
+
+Three implementation choices change the cost, not the function (tests/test_reference.py holds
+the model equal to a textbook one; benchmarks/NOTES.md has the measurements): each feature
+map's BatchNorm moments are computed once per block, not once per reading layer; 1x1
+convolutions run as matmuls; and each block's gradients accumulate layer by layer, which
+makes `memory_efficient=True` linear in depth.
 """
 
 from __future__ import annotations
