@@ -124,7 +124,7 @@ class DenseLayer(nn.Module):
   @nn.compact
   def __call__(self, features: Sequence[Array], moments: Sequence[Array] | None,
                train: bool) -> Array:
-    """Returns the k new feature maps computed from all earlier ones (and their moments)."""
+    """The k new feature maps from all earlier ones (`moments`: theirs, used in training)."""
     bottleneck = self.bn_size is not None
     width = self.bn_size * self.growth_rate if bottleneck else self.growth_rate
     kernel = (1, 1) if bottleneck else (3, 3)

@@ -298,7 +298,7 @@ def test_forward_mode_autodiff_agrees_with_reverse_mode():
   x = images((4, 8, 8, 3))
   v = init(model, x)
   labels = jnp.arange(4) % 5
-  loss = lambda p: summary.train_loss(model, p, v["batch_stats"], x, labels)[0]  # noqa: E731
+  loss = lambda p: summary.train_loss(model, p, v["batch_stats"], x, labels)[0]
   direction = jax.tree_util.tree_map(lambda p: jnp.full_like(p, 0.01), v["params"])
   _, tangent = jax.jit(lambda p, t: jax.jvp(loss, (p,), (t,)))(v["params"], direction)
   grads = jax.jit(jax.grad(loss))(v["params"])

@@ -11,9 +11,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from reference_densenet import ReferenceDenseNet, flatten, nest
 
 from densenet_jax import models, summary
-from reference_densenet import ReferenceDenseNet, flatten, nest
 
 CASES = {
     "bc": dict(depth=22, growth_rate=4, num_classes=5),
@@ -105,7 +105,7 @@ def test_library_equals_textbook_densenet_with_synced_batchnorm():
   reference = ReferenceDenseNet(model)
   v = _randomised_variables(model, x)
   shards = x.reshape(2, 4, *x.shape[1:])
-  run = lambda f: jax.jit(jax.vmap(f, axis_name="replica"))(shards)  # noqa: E731
+  run = lambda f: jax.jit(jax.vmap(f, axis_name="replica"))(shards)
   lib, lib_state = run(lambda xs: model.apply(v, xs, train=True, mutable=["batch_stats"]))
   ref, ref_state = run(lambda xs: reference.apply(flatten(v), xs, train=True,
                                                   mutable=["batch_stats"]))
