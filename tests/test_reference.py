@@ -59,11 +59,8 @@ def test_library_equals_textbook_densenet(case):
   labels = jnp.arange(x.shape[0]) % 5
 
   def ref_loss(params, batch_stats):
-    logits, state = reference.apply({"params": flatten({"p": params})["p"],
-                                     "batch_stats": flatten({"s": batch_stats})["s"]},
-                                    x, train=True, mutable=["batch_stats"])
-    logp = jax.nn.log_softmax(logits)
-    loss = -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1))
+    flat = flatten({"params": params, "batch_stats": batch_stats})
+    loss, state = summary.train_loss(reference, flat["params"], flat["batch_stats"], x, labels)
     return loss, nest(state)
 
   lib_loss = functools.partial(summary.train_loss, model)
