@@ -32,6 +32,7 @@ def get_config() -> ml_collections.ConfigDict:
   c.mean = CIFAR10_MEAN  # subtracted from 0..255 pixels; set to (0,) and std (255,) for /255
   c.std = CIFAR10_STD
   c.shuffle_buffer = 50_000
+  c.input_threads = 0  # tf.data threads per host; 0: every core if an accelerator is present, else 2
 
   # Optimisation: SGD, Nesterov momentum 0.9, weight decay 1e-4, lr 0.1 / 10 at 50% and 75%.
   c.batch_size = 64  # global, over all devices and processes
