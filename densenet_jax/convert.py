@@ -6,7 +6,8 @@
         densenet121_weights_tf_dim_ordering_tf_kernels.h5 densenet121_keras.npz
 
 Every tensor is checked by name and shape against the model before anything is written;
-read the result with `densenet_jax.pretrained.load(OUT)`.
+read the result with `densenet_jax.pretrained.load(OUT)`. Published weights need no manual
+conversion: `pretrained.load("densenet121")` downloads, verifies and converts them once.
 """
 
 from __future__ import annotations

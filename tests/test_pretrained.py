@@ -1,11 +1,13 @@
 """Tests of pretrained weight import: numerical parity with Keras and torchvision, the key
 mapping, clear errors for bad files, and the convert / predict command lines."""
 
+import ast
 import importlib.util
 import os
 import pathlib
 import subprocess
 import sys
+import tomllib
 
 import chex
 import h5py
@@ -14,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import convert, models, predict, pretrained
+from densenet_jax import convert, imagenet, models, predict, pretrained
 
 TORCH_REASON = "torch/torchvision not installed: pip install torch torchvision to run parity"
 KERAS_REASON = "keras not installed: pip install '.[test]' to run the Keras parity test"
@@ -60,6 +62,11 @@ model.save(f"{out}/keras121.h5")  # legacy HDF5 (weights under model_weights/)
 model.save(f"{out}/keras121.keras")  # zip archive holding model.weights.h5
 np.savez(f"{out}/reference.npz", x=x, logits=logits, block3=block3)
 """
+
+
+PREDICT_WITHOUT_TFDS = (
+    "import sys; sys.modules['tensorflow_datasets'] = None\n"
+    "from densenet_jax import predict; sys.exit(predict.main(sys.argv[1:]))")
 
 
 def max_abs_diff(a, b) -> float:
@@ -374,17 +381,42 @@ def test_predict_cli_prints_top5_imagenet_labels(tv121, tmp_path):
   images = [tmp_path / "a.png", tmp_path / "b.jpg"]
   Image.fromarray(rng.integers(0, 256, (200, 300, 3), np.uint8)).save(images[0])
   Image.fromarray(rng.integers(0, 256, (260, 240, 3), np.uint8)).save(images[1])
-  proc = run_module("densenet_jax.predict", "--weights", str(weights), *map(str, images))
+  # tensorflow_datasets made unimportable: the label names must come from the package.
+  proc = subprocess.run([sys.executable, "-c", PREDICT_WITHOUT_TFDS, "--weights", str(weights),
+                         *map(str, images)], capture_output=True, text=True, cwd=REPO,
+                        timeout=300)
   assert proc.returncode == 0, proc.stderr
   lines = proc.stdout.splitlines()
   assert len(lines) == 12 and lines[0] == str(images[0]) and lines[6] == str(images[1])
-  labels = predict.imagenet_labels()
-  assert labels is not None and len(labels) == 1000  # tfds ships them (test extra)
+  labels = imagenet.labels()
   for block in (lines[1:6], lines[7:12]):
     probs = [float(line.split()[0]) for line in block]
     assert all(0.0 <= p <= 1.0 for p in probs) and sum(probs) <= 1.0 + 1e-3
     assert probs == sorted(probs, reverse=True)
     assert all(line.split(None, 1)[1] in labels for line in block)
+
+
+def test_packaged_labels_are_the_imagenet_classes_and_declared_package_data():
+  labels = imagenet.labels()
+  assert len(labels) == 1000 and len({l.split()[0] for l in labels}) == 1000
+  assert labels[0] == "n01440764 tench, Tinca tinca"
+  assert labels[999] == "n15075141 toilet tissue, toilet paper, bathroom tissue"
+  pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
+  assert "imagenet_labels.txt" in pyproject["tool"]["setuptools"]["package-data"]["densenet_jax"]
+
+
+def test_packaged_labels_match_the_tfds_files_they_were_made_from():
+  spec = importlib.util.find_spec("tensorflow_datasets")  # locates without importing TF
+  if spec is None:
+    pytest.skip("tensorflow_datasets not installed ([train] extra)")
+  root = pathlib.Path(list(spec.submodule_search_locations)[0])
+  wnids = (root / "datasets/imagenet2012/labels.txt").read_text().split()
+  # The readable names (same class order) are a Python list in tfds's SI-Score dataset.
+  tree = ast.parse((root / "datasets/siscore/labels.py").read_text())
+  names = next(ast.literal_eval(node.value) for node in ast.walk(tree)
+               if isinstance(node, ast.Assign) and
+               getattr(node.targets[0], "id", "") == "IMAGENET_LABELS_LIST")
+  assert imagenet.labels() == [f"{w} {n}" for w, n in zip(wnids, names, strict=True)]
 
 
 def test_preprocess_matches_torchvision_eval_transform_shape_and_stats():
@@ -393,7 +425,7 @@ def test_preprocess_matches_torchvision_eval_transform_shape_and_stats():
   image = Image.fromarray(np.full((300, 500, 3), 255, np.uint8))
   x = predict.preprocess(image)
   assert x.shape == (224, 224, 3) and x.dtype == np.float32
-  expected = (1.0 - np.array(pretrained.IMAGENET_MEAN)) / np.array(pretrained.IMAGENET_STD)
+  expected = (1.0 - np.array(imagenet.MEAN)) / np.array(imagenet.STD)
   np.testing.assert_allclose(x[0, 0], expected, rtol=1e-6)
 
 
@@ -452,7 +484,7 @@ def test_preprocess_equals_torchvision_eval_transform():
 
   transform = transforms.Compose([
       transforms.Resize(256), transforms.CenterCrop(224), transforms.ToTensor(),
-      transforms.Normalize(pretrained.IMAGENET_MEAN, pretrained.IMAGENET_STD)])
+      transforms.Normalize(imagenet.MEAN, imagenet.STD)])
   rng = np.random.default_rng(0)
   for shape in [(333, 517, 3), (517, 333, 3), (240, 260, 3)]:
     image = Image.fromarray(rng.integers(0, 256, shape, np.uint8))

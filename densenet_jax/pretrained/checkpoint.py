@@ -1,0 +1,102 @@
+"""The converted checkpoint: one `.npz` of '/'-joined variable paths ('params/conv0/kernel',
+'batch_stats/norm0/mean', ...) plus a JSON metadata entry (model, num_classes, bn_epsilon,
+source, mean/std), written atomically; and `convert`, from a source file to that format."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from typing import Any
+
+import numpy as np
+from flax import traverse_util
+
+from densenet_jax import imagenet, models
+from densenet_jax.pretrained import common, keras, torchvision
+
+SOURCES = ("torchvision", "keras")
+BN_EPSILON = {"torchvision": torchvision.BN_EPSILON, "keras": keras.BN_EPSILON}
+
+FORMAT = "densenet-jax-pretrained"
+FORMAT_VERSION = 1
+METADATA_KEY = "__metadata__"
+
+
+def save(path: common.PathLike, model_name: str, model: models.DenseNet,
+         variables: common.Variables, source: str, source_file: str = "") -> dict[str, Any]:
+  """Writes the converted checkpoint (atomically) and returns its metadata."""
+  metadata = {"format": FORMAT, "version": FORMAT_VERSION, "model": model_name,
+              "num_classes": model.num_classes, "bn_epsilon": model.bn_epsilon,
+              "source": source, "source_file": source_file,
+              "mean": list(imagenet.MEAN), "std": list(imagenet.STD)}
+  arrays = {k: np.asarray(v, np.float32)
+            for k, v in traverse_util.flatten_dict(variables, sep="/").items()}
+  arrays[METADATA_KEY] = np.array(json.dumps(metadata))
+  path = pathlib.Path(path)
+  # Write beside the target and rename, so an interrupted run never leaves half a file.
+  tmp = path.with_name(path.name + ".tmp")
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, **arrays)
+    os.replace(tmp, path)
+  except BaseException:
+    tmp.unlink(missing_ok=True)
+    raise
+  return metadata
+
+
+def read(path: common.PathLike) -> tuple[dict[str, Any], common.Flat]:
+  """(metadata, flat arrays) of a converted checkpoint file, with clear errors for bad files."""
+  path = common.existing(path)
+  arrays = common.guarded(lambda: common.read_npz(path), path, "a densenet-jax checkpoint")
+  if METADATA_KEY not in arrays:
+    raise ValueError(f"{path} is not a densenet-jax checkpoint (no {METADATA_KEY!r} entry); "
+                     f"convert weights first: python -m densenet_jax.convert --help")
+  metadata = common.guarded(lambda: json.loads(str(arrays.pop(METADATA_KEY))), path,
+                            "a densenet-jax checkpoint")
+  if metadata.get("format") != FORMAT or metadata.get("version") != FORMAT_VERSION:
+    raise ValueError(f"{path} has format {metadata.get('format')!r} version "
+                     f"{metadata.get('version')!r}; this code reads {FORMAT!r} "
+                     f"version {FORMAT_VERSION}.")
+  return metadata, arrays
+
+
+def load(path: common.PathLike, **overrides: Any
+         ) -> tuple[models.DenseNet, common.Variables, dict[str, Any]]:
+  """(model, variables, metadata) from a checkpoint file; overrides must keep shapes."""
+  metadata, flat = read(path)
+  stored = dict(num_classes=metadata["num_classes"], bn_epsilon=metadata["bn_epsilon"])
+  model = models.get_model(metadata["model"], **stored)
+  variables = common.check_and_unflatten(flat, model, f"checkpoint {path}", metadata["model"])
+  # Overrides such as dtype, features_only or memory_efficient reuse the same variables.
+  return models.get_model(metadata["model"], **(stored | overrides)), variables, metadata
+
+
+def convert(source: str, weights: common.PathLike, out: common.PathLike,
+            model_name: str | None = None) -> dict[str, Any]:
+  """Converts a torchvision or Keras weight file into a checkpoint at `out`; its metadata."""
+  if source not in SOURCES:
+    raise ValueError(f"Unknown source {source!r}: use one of {SOURCES}.")
+  if model_name is None:  # infer it from the file's block layout
+    model_name = _guess_from_file(source, weights)
+  if source == "torchvision":
+    model, variables = torchvision.from_torchvision(weights, model_name)
+  else:
+    model, variables = keras.from_keras(weights, model_name)
+  return save(out, model_name, model, variables, source, pathlib.Path(weights).name)
+
+
+def _guess_from_file(source: str, weights: common.PathLike) -> str:
+  """The preset a weight file was saved from, or a ValueError asking for --model."""
+  if source == "torchvision":
+    flat, _ = torchvision.torchvision_to_flat(torchvision.read_torchvision(weights))
+  else:
+    flat = {"params/" + keras.keras_module_path(layer) + "/kernel": v["kernel"]
+            for layer, v in keras.read_keras(weights).items() if "kernel" in v}
+  guess = common.guess_model(flat)
+  if guess is None or guess not in models.list_models():
+    found = guess or "no dense layers found"
+    raise ValueError(f"Cannot tell which DenseNet {weights} holds ({found}); name it with "
+                     f"--model.")
+  return guess
