@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import http.client
 import importlib.util
 import os
 import pathlib
@@ -81,7 +82,7 @@ _TV = "https://download.pytorch.org/models/"
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
 _KERAS_FILE = "{}_weights_tf_dim_ordering_tf_kernels{}.h5"
 _TV_LICENSE = "BSD-3-Clause (torchvision)"
-_KERAS_LICENSE = "Apache-2.0 (keras-applications)"
+_KERAS_LICENSE = "Apache-2.0 (Keras)"
 
 
 def _torchvision(model: str, prefix: str) -> Source:
@@ -173,7 +174,7 @@ def download(name: str) -> pathlib.Path:
   part = target.with_name(target.name + ".part")
   try:
     _download(url, part)
-  except (urllib.error.URLError, OSError) as e:
+  except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
     # A plain URLError wraps the socket error; an HTTPError's own text has the status code.
     reason = e.reason if type(e) is urllib.error.URLError else e
     kept = (f" The partial download is kept at {part} and resumes on the next try."

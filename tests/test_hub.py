@@ -1,0 +1,320 @@
+"""Tests of pretrained weights by name (densenet_jax.pretrained.hub) against a real HTTP server
+on 127.0.0.1 serving generated files: download, verification, conversion, the cache, the
+mirror, failure messages, resumption and one download for concurrent processes."""
+
+import hashlib
+import http.server
+import os
+import pathlib
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from densenet_jax import models, predict, pretrained
+from densenet_jax.pretrained import hub
+
+safetensors_numpy = pytest.importorskip("safetensors.numpy")
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+NAME = "tiny"  # the registry entry each test adds (monkeypatch: the library's stays as it is)
+FILE = "tiny-weights.safetensors"
+
+
+class Server(http.server.ThreadingHTTPServer):
+  """Serves `files` by path; counts GETs; optional delay, Range support and one cut-off."""
+  daemon_threads = True
+
+  def __init__(self):
+    super().__init__(("127.0.0.1", 0), Handler)
+    self.files: dict[str, bytes] = {}
+    self.gets: list[tuple[str, str | None]] = []  # (path, Range header)
+    self.delay_s = 0.0
+    self.honour_range = True
+    self.cut_next_at: int | None = None  # send only this many bytes of the next answer
+
+  @property
+  def url(self) -> str:
+    return f"http://127.0.0.1:{self.server_port}"
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+  server: Server
+
+  def do_GET(self):  # noqa: N802 (http.server's naming)
+    s = self.server
+    s.gets.append((self.path, self.headers.get("Range")))
+    time.sleep(s.delay_s)
+    body = s.files.get(self.path)
+    if body is None:
+      self.send_error(404)
+      return
+    start = 0
+    m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+    if m and s.honour_range:
+      start = int(m[1])
+      if start >= len(body):
+        self.send_error(416)
+        return
+      self.send_response(206)
+      self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+    else:
+      self.send_response(200)
+    self.send_header("Content-Length", str(len(body) - start))
+    self.end_headers()
+    cut, s.cut_next_at = s.cut_next_at, None
+    self.wfile.write(body[start:] if cut is None else body[start:cut])
+    self.close_connection = True
+
+  def log_message(self, *args):
+    pass
+
+
+@pytest.fixture
+def server():
+  s = Server()
+  thread = threading.Thread(target=s.serve_forever, daemon=True)
+  thread.start()
+  yield s
+  s.shutdown()
+  s.server_close()
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> pathlib.Path:
+  root = tmp_path / "cache"
+  monkeypatch.setenv(hub.CACHE_ENV, str(root))
+  monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
+  return root
+
+
+@pytest.fixture(scope="module")
+def weights() -> tuple[dict, bytes]:
+  """Random densenet40 variables and the same as a torchvision-style .safetensors file."""
+  model = models.get_model("densenet40")
+  shapes = pretrained.abstract_variables(model)
+  rng = np.random.default_rng(0)
+  flat = {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
+  state_dict = {}
+  for path, value in flat.items():
+    collection, *modules, leaf = path.split("/")
+    modules = ["norm5" if m == "norm_final" else m for m in modules]
+    prefix = [] if modules[0] == "classifier" else ["features"]
+    name = {"scale": "weight", "mean": "running_mean", "var": "running_var"}.get(leaf, leaf)
+    if leaf == "kernel":  # HWIO -> OIHW; (in, out) -> (out, in)
+      name, value = "weight", value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    state_dict[".".join(prefix + modules + [name])] = np.ascontiguousarray(value)
+  return flat, safetensors_numpy.save(state_dict)
+
+
+def register(monkeypatch, url: str, data: bytes, digest_len: int = 64) -> hub.Source:
+  """Adds NAME to the registry, pinned to data's sha256 (or its prefix, torchvision-style)."""
+  digest = hashlib.sha256(data).hexdigest()[:digest_len]
+  source = hub.Source("densenet40", "torchvision", url, "sha256", digest, "test",
+                      file_name=FILE)
+  monkeypatch.setitem(hub.REGISTRY, NAME, source)
+  return source
+
+
+def files_in(root: pathlib.Path) -> list[str]:
+  return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
+
+
+def assert_same(variables, flat):
+  loaded = traverse_util.flatten_dict(variables, sep="/")
+  assert loaded.keys() == flat.keys()
+  for k, v in flat.items():
+    np.testing.assert_array_equal(np.asarray(loaded[k]), v)
+
+
+def test_good_file_is_downloaded_verified_converted_cached_then_loaded_offline(
+    server, cache, weights, monkeypatch, capsys):
+  flat, data = weights
+  server.files["/models/published.safetensors"] = data
+  register(monkeypatch, server.url + "/models/published.safetensors", data)
+  model, variables = pretrained.load(NAME)
+  assert model.bn_epsilon == 1e-5 and model.num_classes == 10
+  assert_same(variables, flat)
+  assert "downloading tiny-weights.safetensors" in capsys.readouterr().err
+  assert files_in(cache) == ["checkpoints/tiny-weights.npz", f"downloads/{FILE}",
+                             f"locks/{FILE}.lock"]
+  assert server.gets == [("/models/published.safetensors", None)]
+
+  server.files.clear()  # offline from here on: everything comes from the cache
+  _, variables, metadata = pretrained.load_with_metadata(NAME, features_only=True)
+  assert_same(variables, flat)
+  assert metadata["source_file"] == FILE
+  assert pretrained.read_checkpoint(NAME)[0]["bn_epsilon"] == 1e-5  # as the trainer reads it
+  (cache / "checkpoints/tiny-weights.npz").unlink()  # reconverted from the kept download
+  assert_same(pretrained.load(NAME)[1], flat)
+  assert len(server.gets) == 1
+
+
+def test_tampered_file_is_refused_and_nothing_is_cached(server, cache, weights, monkeypatch):
+  _, data = weights
+  tampered = bytearray(data)
+  tampered[-5] ^= 1  # one flipped bit in a tensor
+  server.files["/w.safetensors"] = bytes(tampered)
+  source = register(monkeypatch, server.url + "/w.safetensors", data)
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.load(NAME)
+  assert f"not the pinned sha256 {source.digest}: refused and deleted, nothing cached" in str(
+      e.value)
+  assert hashlib.sha256(tampered).hexdigest() in str(e.value)
+  assert files_in(cache) == [f"locks/{FILE}.lock"]  # the empty lock file only
+  # A file of the right name placed by hand is checked the same way.
+  (cache / "downloads").mkdir(exist_ok=True)
+  (cache / "downloads" / FILE).write_bytes(tampered)
+  with pytest.raises(pretrained.WeightsError, match="already in the cache.*refused"):
+    pretrained.load(NAME)
+  assert files_in(cache) == [f"locks/{FILE}.lock"]
+
+
+def test_dead_mirror_gives_one_clear_message_and_the_manual_route_works(
+    server, cache, weights, monkeypatch, capsys):
+  flat, data = weights
+  with socket.socket() as s:  # a port with nothing listening
+    s.bind(("127.0.0.1", 0))
+    dead = f"http://127.0.0.1:{s.getsockname()[1]}/mirror"
+  source = register(monkeypatch, "https://download.invalid/models/published.safetensors", data)
+  monkeypatch.setenv(hub.MIRROR_ENV, dead + "/")
+  assert predict.main(["--weights", NAME, __file__]) == 2
+  err = capsys.readouterr().err
+  target = cache / "downloads" / FILE
+  assert err.startswith(f"predict: error: Cannot download 'tiny' from {dead}/{FILE}: ")
+  assert "Connection refused" in err and "Traceback" not in err
+  assert f"copy {FILE} from {dead}/{FILE} (or {source.url}) to {target} by hand" in err
+  assert f"checked against sha256 {source.digest} before use" in err
+  assert not target.exists() and not target.with_name(FILE + ".part").exists()
+
+  server.files[f"/mirror/{FILE}"] = data  # a live mirror: fetched as $MIRROR/<file name>
+  monkeypatch.setenv(hub.MIRROR_ENV, server.url + "/mirror")
+  assert_same(pretrained.load(NAME)[1], flat)
+  assert server.gets == [(f"/mirror/{FILE}", None)]
+
+  for path in (cache / "checkpoints").iterdir():  # by hand: the file at the named place
+    path.unlink()
+  monkeypatch.setenv(hub.MIRROR_ENV, dead)
+  assert target.is_file()
+  assert_same(pretrained.load(NAME)[1], flat)
+
+
+@pytest.mark.parametrize("honour_range", [True, False])
+def test_interrupted_download_resumes_or_restarts(server, cache, weights, monkeypatch,
+                                                  honour_range):
+  flat, data = weights
+  server.files["/w.safetensors"] = data
+  server.honour_range = honour_range
+  register(monkeypatch, server.url + "/w.safetensors", data, digest_len=8)  # a prefix pin
+  half = len(data) // 2
+  server.cut_next_at = half
+  with pytest.raises(pretrained.WeightsError, match=f"closed after {half} of {len(data)} bytes"
+                     r".*partial download is kept .* resumes on the next try"):
+    pretrained.load(NAME)
+  part = cache / "downloads" / (FILE + ".part")
+  assert part.stat().st_size == half
+  assert_same(pretrained.load(NAME)[1], flat)
+  assert [r for _, r in server.gets] == [None, f"bytes={half}-"]
+  assert not part.exists()
+
+
+def test_a_part_that_is_not_a_prefix_is_restarted(server, cache, weights, monkeypatch):
+  flat, data = weights
+  server.files["/w.safetensors"] = data
+  register(monkeypatch, server.url + "/w.safetensors", data)
+  part = cache / "downloads" / (FILE + ".part")
+  part.parent.mkdir(parents=True)
+  part.write_bytes(b"x" * (len(data) + 10))  # longer than the file: the server answers 416
+  assert_same(pretrained.load(NAME)[1], flat)
+  assert [r for _, r in server.gets] == [f"bytes={len(data) + 10}-", None]
+
+
+CHILD = r"""
+import pathlib, sys, time
+from densenet_jax import pretrained
+from densenet_jax.pretrained import hub
+url, digest, ready, index = sys.argv[1:]
+hub.REGISTRY["tiny"] = hub.Source("densenet40", "torchvision", url, "sha256", digest, "test",
+                                  file_name="tiny-weights.safetensors")
+ready = pathlib.Path(ready)
+(ready / index).touch()
+while len(list(ready.iterdir())) < 2:  # both processes imported: start together
+  time.sleep(0.01)
+model, variables = pretrained.load("tiny")
+print(model.num_classes)
+"""
+
+
+def test_two_processes_loading_at_once_download_once(server, cache, weights, tmp_path):
+  _, data = weights
+  server.files["/w.safetensors"] = data
+  server.delay_s = 2.0  # the first download is still running when the second process asks
+  ready = tmp_path / "ready"
+  ready.mkdir()
+  digest = hashlib.sha256(data).hexdigest()
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  procs = [subprocess.Popen([sys.executable, "-c", CHILD, server.url + "/w.safetensors",
+                             digest, str(ready), str(i)], cwd=REPO, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE) for i in range(2)]
+  results = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, results):
+    assert p.returncode == 0, err
+    assert out.strip() == "10"
+  assert len(server.gets) == 1
+  waited = ["waiting for another process to fetch tiny-weights.safetensors" in err
+            for _, err in results]
+  assert sorted(waited) == [False, True]
+
+
+def test_pth_only_model_without_torch_says_so_before_downloading(cache, monkeypatch):
+  monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.load("densenet169")
+  msg = str(e.value)
+  assert "densenet169-b2777c0a.pth, a PyTorch pickle that needs torch" in msg
+  assert "'keras/densenet169' / 'keras/densenet169_notop' (torch-free)" in msg
+  with pytest.raises(pretrained.WeightsError, match="no torch-free file of this model"):
+    pretrained.load("densenet161")
+  assert not cache.exists()
+
+
+def test_unknown_names_list_the_registry_and_paths_still_work(cache, tmp_path, weights):
+  with pytest.raises(FileNotFoundError, match=r"no pretrained weights of that name; the names "
+                     r"are: torchvision/densenet121, .*keras/densenet201_notop, densenet121"):
+    pretrained.load("densenet12")
+  flat, data = weights
+  (tmp_path / "w.safetensors").write_bytes(data)
+  pretrained.convert("torchvision", tmp_path / "w.safetensors", tmp_path / "w.npz", "densenet40")
+  assert_same(pretrained.load(tmp_path / "w.npz")[1], flat)
+  assert_same(pretrained.load(str(tmp_path / "w.npz"))[1], flat)
+
+
+def test_registry_pins_real_hashes_and_a_torch_free_source_per_model_where_published():
+  by_file = {}
+  for name, source in hub.REGISTRY.items():
+    assert re.fullmatch(r"[0-9a-f]{8,}", source.digest), name
+    assert len(source.digest) in (8, 2 * hashlib.new(source.algorithm).digest_size), name
+    assert source.model in models.list_models() and source.framework in pretrained.SOURCES
+    assert by_file.setdefault(source.name, source) == source, f"{source.name} pinned twice"
+  torch_free = {s.model for s in hub.REGISTRY.values() if not s.needs_torch}
+  assert torch_free == {"densenet121", "densenet169", "densenet201"}  # 161: only a .pth
+  assert not hub.REGISTRY["densenet121"].needs_torch
+  # Bare names are torchvision's weights, as in torchvision and timm.
+  assert all(hub.REGISTRY[f"densenet{n}"].framework == "torchvision"
+             for n in (121, 161, 169, 201))
+
+
+def test_readme_table_lists_every_registered_file_and_hash():
+  readme = (REPO / "README.md").read_text()
+  for name, source in hub.REGISTRY.items():
+    assert f"`{name}`" in readme, name
+    assert source.digest in readme and source.name in readme, name
+  for variable in (hub.CACHE_ENV, hub.MIRROR_ENV):
+    assert variable in readme
+
