@@ -134,8 +134,10 @@ def assert_same(variables, flat):
 
 
 def test_good_file_is_downloaded_verified_converted_cached_then_loaded_offline(
-    server, cache, weights, monkeypatch, capsys):
+    server, cache, weights, monkeypatch, capsys, tmp_path):
   flat, data = weights
+  monkeypatch.chdir(tmp_path)
+  (tmp_path / NAME).mkdir()  # a directory of the same name is not a checkpoint file
   server.files["/models/published.safetensors"] = data
   register(monkeypatch, server.url + "/models/published.safetensors", data)
   model, variables = pretrained.load(NAME)

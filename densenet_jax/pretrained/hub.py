@@ -133,7 +133,7 @@ def cache_dir() -> pathlib.Path:
 def resolve(weights: common.PathLike) -> pathlib.Path:
   """The checkpoint file for a path or a registered name (fetched and converted once)."""
   path = pathlib.Path(weights)
-  if path.exists() or str(weights) not in REGISTRY:
+  if path.is_file() or str(weights) not in REGISTRY:
     if not path.exists() and not path.suffix:  # neither a file nor a known name
       raise FileNotFoundError(f"No checkpoint file {str(weights)!r}, and no pretrained weights "
                               f"of that name; the names are: {', '.join(REGISTRY)}.")
