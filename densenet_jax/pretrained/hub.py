@@ -207,7 +207,7 @@ def _download(url: str, part: pathlib.Path) -> None:
   try:
     response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
   except urllib.error.HTTPError as e:
-    if e.code != 416 or not start:  # 416: the part is not a prefix of the file: start over
+    if e.code != 416 or not start:  # 416: the part is not shorter than the file: start over
       raise
     part.unlink()
     return _download(url, part)
