@@ -246,7 +246,8 @@ hub.REGISTRY["tiny"] = hub.Source("densenet40", "torchvision", url, "sha256", di
                                   file_name="tiny-weights.safetensors")
 ready = pathlib.Path(ready)
 (ready / index).touch()
-while len(list(ready.iterdir())) < 2:  # both processes imported: start together
+deadline = time.monotonic() + 120
+while len(list(ready.iterdir())) < 2 and time.monotonic() < deadline:  # start together
   time.sleep(0.01)
 model, variables = pretrained.load("tiny")
 print(model.num_classes)
