@@ -2,26 +2,37 @@
 
 The order of training batches is a pure function of (seed, epoch, step), so a resumed run sees
 exactly the batches an uninterrupted one would. Augmentation draws from stateless RNGs seeded by
-the same triple.
+(epoch seed, example index in the epoch) or (epoch seed, batch index), never by where a run
+started. Training examples stay encoded through shuffling and the resume skip and are decoded
+only when used; JPEGs are decoded and cropped in one op. tf.data runs on `input_threads(config)`
+threads of the host.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import os
 import socket
 import urllib.parse
 from typing import Iterator
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from densenet_jax import imagenet
 from train import digits
 
 # TF must stay off accelerators (JAX owns them) and leave CPU cores to XLA.
 tf.config.set_visible_devices([], "GPU")
+
+# libjpeg's accurate integer IDCT, as Pillow (and so torchvision) decodes: TF's default,
+# INTEGER_FAST, differs from Pillow by up to 4 levels; this one by none, at no measured cost.
+JPEG_DCT = "INTEGER_ACCURATE"
 
 
 class DataMissingError(RuntimeError):
@@ -146,27 +157,103 @@ def _augment_cifar_batch(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
   return tf.gather(crops, cols, axis=2, batch_dims=1)
 
 
-def _random_resized_crop(image: tf.Tensor, size: int, seed: tf.Tensor) -> tf.Tensor:
-  """Inception-style crop (8%-100% area, 3/4-4/3 aspect) resized to size, random flip."""
-  seeds = tf.random.experimental.stateless_split(seed, 2)
+def _sample_crop(shape: tf.Tensor, seed: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+  """Inception-style crop box (8%-100% area, 3/4-4/3 aspect) of an image of `shape`."""
   begin, crop_size, _ = tf.image.stateless_sample_distorted_bounding_box(
-      tf.shape(image), tf.zeros([0, 0, 4], tf.float32), seed=seeds[0],
+      shape, tf.zeros([0, 0, 4], tf.float32), seed=seed,
       min_object_covered=0.1, aspect_ratio_range=(3 / 4, 4 / 3), area_range=(0.08, 1.0),
       max_attempts=10, use_image_if_no_bounding_boxes=True)
-  image = tf.slice(image, begin, crop_size)
+  return begin, crop_size
+
+
+def _decode_image(encoded: tf.Tensor, feature: tfds.features.Image) -> tf.Tensor:
+  """A whole image; JPEGs decoded as Pillow does, anything else as tfds does."""
+  channels = feature.shape[-1] or 0
+  image = tf.cond(
+      tf.io.is_jpeg(encoded),
+      lambda: tf.io.decode_jpeg(encoded, channels=channels, dct_method=JPEG_DCT),
+      lambda: feature.decode_example(encoded))
+  return tf.ensure_shape(image, feature.shape)
+
+
+def decode_jpeg_crop(encoded: tf.Tensor, shape: tf.Tensor, begin: tf.Tensor,
+                     crop_size: tf.Tensor, channels: int) -> tf.Tensor:
+  """The pixels of a full decode's [begin : begin + crop_size] box, decoding only about it."""
+  # libjpeg upsamples chroma at the edge columns of a cropped decode as if they were the
+  # image's edges, which changes them by up to ~100 levels; one extra column each side, cut
+  # off below, makes the box identical to a full decode (4:4:4, 4:2:2, 4:2:0, progressive).
+  left = tf.maximum(begin[1] - 1, 0)
+  right = tf.minimum(begin[1] + crop_size[1] + 1, shape[1])
+  window = tf.stack([begin[0], left, crop_size[0], right - left])
+  image = tf.image.decode_and_crop_jpeg(encoded, window, channels=channels,
+                                       dct_method=JPEG_DCT)
+  return image[:, begin[1] - left:begin[1] - left + crop_size[1]]
+
+
+def _decode_random_resized_crop(encoded: tf.Tensor, feature: tfds.features.Image, size: int,
+                                seed: tf.Tensor) -> tf.Tensor:
+  """Decodes only a random Inception-style crop, resizes it to size, random flip."""
+  seeds = tf.random.experimental.stateless_split(seed, 2)
+
+  def jpeg() -> tf.Tensor:
+    shape = tf.image.extract_jpeg_shape(encoded)
+    begin, crop_size = _sample_crop(shape, seeds[0])
+    return decode_jpeg_crop(encoded, shape, begin, crop_size, feature.shape[-1] or 0)
+
+  def other() -> tf.Tensor:  # PNG and the rest: decode whole, then crop the same box
+    image = _decode_image(encoded, feature)
+    begin, crop_size = _sample_crop(tf.shape(image), seeds[0])
+    return tf.slice(image, begin, crop_size)
+
+  image = tf.cond(tf.io.is_jpeg(encoded), jpeg, other)
   image = tf.image.resize(image, [size, size], method="bicubic")
   return tf.image.stateless_random_flip_left_right(image, seeds[1])
 
 
-def _center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
-  """Resize the shorter side to size/0.875 (256 for 224), then crop the centre."""
-  shape = tf.cast(tf.shape(image)[:2], tf.float32)
-  scale = (size / 0.875) / tf.reduce_min(shape)
-  new = tf.cast(tf.round(shape * scale), tf.int32)
-  image = tf.image.resize(image, new, method="bicubic")
-  top = (new[0] - size) // 2
-  left = (new[1] - size) // 2
-  return tf.slice(image, [top, left, 0], [size, size, -1])
+def center_crop(image: tf.Tensor, size: int) -> tf.Tensor:
+  """densenet_jax.imagenet's eval transform (torchvision's Resize + CenterCrop) in TF.
+
+  The shorter side becomes resize_for_crop(size) (256 for 224) and the longer one
+  int(resize * long / short), both as torchvision computes them; antialiased bilinear
+  resampling is Pillow's BILINEAR filter. Pillow rounds to uint8 (also between its two 1-D
+  passes), so the result is rounded too; what remains differs by at most 1-2 levels.
+  """
+  resize = imagenet.resize_for_crop(size)
+  h, w = tf.shape(image)[0], tf.shape(image)[1]
+  new_h = tf.where(w <= h, resize * h // w, resize)
+  new_w = tf.where(w <= h, resize, resize * w // h)
+  image = tf.image.resize(image, tf.stack([new_h, new_w]), method="bilinear", antialias=True)
+  image = tf.round(tf.clip_by_value(image, 0.0, 255.0))
+  # torchvision rounds the offsets half to even (Python's round), as tf.round does.
+  top = tf.cast(tf.round((new_h - size) / 2), tf.int32)
+  left = tf.cast(tf.round((new_w - size) / 2), tf.int32)
+  return tf.slice(image, tf.stack([top, left, 0]), [size, size, -1])
+
+
+def host_cores() -> int:
+  """The cores this process may run on."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not on Linux
+    return os.cpu_count() or 1
+
+
+def input_threads(config: ml_collections.ConfigDict) -> int:
+  """tf.data threads: config.input_threads, or (0) every core with an accelerator, else 2."""
+  if config.input_threads > 0:
+    threads, why = config.input_threads, "config.input_threads"
+  elif jax.default_backend() != "cpu":
+    threads, why = host_cores(), f"all cores; JAX computes on {jax.default_backend()}"
+  else:
+    threads, why = 2, "JAX computes on the same CPU cores"
+  _log_threads(threads, why)
+  return threads
+
+
+@functools.cache
+def _log_threads(threads: int, why: str) -> None:
+  """Logs the choice once per process (eval iterators are made again at every evaluation)."""
+  logging.info("tf.data input pipeline: %d threads (%s).", threads, why)
 
 
 def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
@@ -174,9 +261,11 @@ def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.Con
                    ) -> Iterator[dict[str, np.ndarray]]:
   """Local training batches from global step `start_step` on, epoch after epoch."""
   split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
+  options = _options(input_threads(config))
   epoch, skip = divmod(start_step, steps_per_epoch)
   while True:
-    yield from tfds.as_numpy(_train_epoch(builder, config, split, local_batch, epoch, skip))
+    ds = _train_epoch(builder, config, split, local_batch, epoch, skip)
+    yield from tfds.as_numpy(ds.with_options(options))
     epoch, skip = epoch + 1, 0
 
 
@@ -184,16 +273,26 @@ def _train_epoch(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
                  split: str, local_batch: int, epoch: int, skip: int) -> tf.data.Dataset:
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
   ds = builder.as_dataset(split=split, shuffle_files=True,
-                          read_config=tfds.ReadConfig(shuffle_seed=epoch_seed))
+                          read_config=tfds.ReadConfig(shuffle_seed=epoch_seed),
+                          decoders={"image": tfds.decode.SkipDecoding()})
   ds = ds.shuffle(config.shuffle_buffer, seed=epoch_seed, reshuffle_each_iteration=False)
+  # A resumed run skips still-encoded examples: reading them costs microseconds, decoding
+  # them milliseconds. Indices count from the epoch's start, so the seeds do not move.
+  ds = ds.enumerate().skip(skip * local_batch)
+  feature = builder.info.features["image"]
   size = config.image_size
-  if config.augment == "imagenet":
-    ds = ds.enumerate().map(
-        lambda i, ex: {"image": _random_resized_crop(ex["image"], size, tf.stack(
-            [tf.constant(epoch_seed, tf.int64), i])), "label": ex["label"]},
-        num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+
+  def decode(i: tf.Tensor, ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    if config.augment == "imagenet":
+      image = _decode_random_resized_crop(ex["image"], feature, size, tf.stack(
+          [tf.constant(epoch_seed, tf.int64), i]))
+    else:
+      image = _decode_image(ex["image"], feature)
+    return {"image": image, "label": ex["label"]}
+
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
   ds = ds.batch(local_batch, drop_remainder=True)
-  ds = ds.enumerate().skip(skip)
+  ds = ds.enumerate(start=skip)
 
   def prepare(step: tf.Tensor, batch: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
     images = batch["image"]
@@ -203,7 +302,7 @@ def _train_epoch(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
     return {"image": _normalize(images, config), "label": batch["label"]}
 
   ds = ds.map(prepare, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
-  return ds.prefetch(2).with_options(_options())
+  return ds.prefetch(2)
 
 
 def eval_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict,
@@ -211,18 +310,26 @@ def eval_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.Conf
                   ) -> Iterator[dict[str, np.ndarray]]:
   """Exactly `num_batches` local eval batches; padding rows carry mask 0."""
   split = tfds.split_for_jax_process(config.eval_split, drop_remainder=False)
-  ds = builder.as_dataset(split=split, shuffle_files=False)
+  ds = builder.as_dataset(split=split, shuffle_files=False,
+                          decoders={"image": tfds.decode.SkipDecoding()})
+  feature = builder.info.features["image"]
   size = config.image_size
-  if config.augment == "imagenet":
-    ds = ds.map(lambda ex: {"image": _center_crop(ex["image"], size), "label": ex["label"]},
-                num_parallel_calls=tf.data.AUTOTUNE)
+
+  def decode(ex: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+    image = _decode_image(ex["image"], feature)
+    if config.augment == "imagenet":
+      image = center_crop(image, size)
+    return {"image": image, "label": ex["label"]}
+
+  ds = ds.map(decode, num_parallel_calls=tf.data.AUTOTUNE)
   ds = ds.map(lambda ex: {"image": _normalize(ex["image"], config), "label": ex["label"],
                           "mask": tf.constant(1.0)})
   padding = tf.data.Dataset.from_tensors({
       "image": tf.zeros([size, size, channels]),
       "label": tf.constant(0, tf.int64), "mask": tf.constant(0.0)}).repeat()
   ds = ds.concatenate(padding).batch(local_batch).take(num_batches)
-  return iter(tfds.as_numpy(ds.prefetch(2).with_options(_options())))
+  options = _options(input_threads(config))
+  return iter(tfds.as_numpy(ds.prefetch(2).with_options(options)))
 
 
 def eval_batches_needed(num_eval: int, local_batch: int) -> int:
@@ -231,9 +338,11 @@ def eval_batches_needed(num_eval: int, local_batch: int) -> int:
   return max(1, -(-largest_shard // local_batch))
 
 
-def _options() -> tf.data.Options:
+def _options(threads: int) -> tf.data.Options:
   options = tf.data.Options()
   options.deterministic = True
-  options.autotune.cpu_budget = 1  # leave the other cores to XLA
-  options.threading.private_threadpool_size = 2
+  # A private pool bounds tf.data's threads (its default pool has one per core); the autotune
+  # budget caps what autotuning may assume it can use.
+  options.threading.private_threadpool_size = threads
+  options.autotune.cpu_budget = threads
   return options
