@@ -3,25 +3,29 @@
 The modules read like the paper: a `DenseLayer` is the composite function H_l
 (BN-ReLU-Conv, with the optional 1x1 bottleneck), a `DenseBlock` feeds every layer
 the channel concatenation of all earlier feature maps, a `Transition` compresses and
-downsamples, and `DenseNet` stacks them behind a CIFAR or ImageNet stem.
+downsamples, and `DenseNet` stacks them behind a CIFAR or ImageNet stem. The convolution,
+normalisation and activation are attributes (`conv`, `norm`, `act`), as in flax's ResNet.
 
 Parameter names follow torchvision (`conv0`, `norm0`, `denseblock1/denselayer1/norm1`,
 `transition1/conv`, ...) so that weight conversion is a rename, not a puzzle.
 
-Three implementation choices change the cost, not the function (tests/test_reference.py holds
-the model equal to a textbook one; benchmarks/NOTES.md has the measurements): each feature
-map's BatchNorm moments are computed once per block, not once per reading layer; 1x1
-convolutions run as matmuls; and each block's gradients accumulate layer by layer, which
+The defaults are fast versions of nn.Conv and nn.BatchNorm that compute the same function
+(tests/test_reference.py holds the model equal to a textbook one; docs/performance.md has the
+measurements): `BatchNorm` normalises a block's concatenated maps from moments computed once
+per map (`DenseFeatures`), `Conv` runs 1x1 kernels as matmuls on the backends where that is
+faster (`conv_1x1_as_matmul`), and each block's gradients accumulate layer by layer, which
 makes `memory_efficient=True` linear in depth.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -35,116 +39,175 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 STEMS = ("cifar", "imagenet")
 
 
-class Conv(nn.Module):
-  """A bias-free convolution with nn.Conv's `kernel` parameter and torchvision's padding.
+def conv_1x1_as_matmul(backend: str | None = None) -> bool:
+  """Whether `Conv` runs 1x1 kernels as matmuls on `backend` (default: JAX's default backend).
 
-  A 1x1 stride-1 kernel runs as one matmul over channels: XLA:CPU lowers the weight
-  gradient of a 1x1 convolution as a convolution whose window is the whole image, several
-  times slower than the same contraction as a GEMM (benchmarks/NOTES.md).
+  The one backend-specific choice of the model. XLA:CPU lowers a 1x1 convolution's weight
+  gradient as a convolution whose window is the whole image, several times slower than the
+  same contraction as a GEMM (docs/performance.md); GPU and TPU convolution emitters are
+  left to do what they do well.
+  """
+  return (backend or jax.default_backend()) == "cpu"
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, ...]:
+  return (v, v) if isinstance(v, int) else tuple(v)
+
+
+class Conv(nn.Conv):
+  """nn.Conv with torchvision's defaults (no bias, He-normal init); 1x1 kernels as matmuls.
+
+  The matmul computes the same contraction with the same `kernel` parameter; it is used where
+  `conv_1x1_as_matmul` says it is faster, or as `matmul_1x1` forces.
   """
 
-  features: int
-  kernel_size: tuple[int, int]
-  strides: tuple[int, int] = (1, 1)
-  dtype: Any = jnp.float32
-  param_dtype: Any = jnp.float32
+  use_bias: bool = False
   kernel_init: Callable[..., Array] = he_normal
+  matmul_1x1: bool | None = None  # None: conv_1x1_as_matmul() decides
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Convolves NHWC `x` with an HWIO kernel."""
-    kernel = self.param("kernel", self.kernel_init,
-                        (*self.kernel_size, x.shape[-1], self.features), self.param_dtype)
+    as_matmul = conv_1x1_as_matmul() if self.matmul_1x1 is None else self.matmul_1x1
+    pointwise = (_pair(self.kernel_size) == (1, 1) and _pair(self.strides) == (1, 1)
+                 and self.padding in ("SAME", "VALID", 0) and self.feature_group_count == 1
+                 and _pair(self.input_dilation or 1) == (1, 1) and self.mask is None
+                 and not self.use_bias)
+    if not (as_matmul and pointwise):
+      return super().__call__(x)
+    kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
+                        self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    if tuple(self.kernel_size) == (1, 1) and tuple(self.strides) == (1, 1):
-      return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())))
-    # torchvision's symmetric k//2 ('SAME' would pad a stride-2 convolution asymmetrically).
-    padding = [(k // 2, k // 2) for k in self.kernel_size]
-    return jax.lax.conv_general_dilated(x, kernel, self.strides, padding,
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return jax.lax.dot_general(x, kernel[0, 0], (((x.ndim - 1,), (0,)), ((), ())),
+                               precision=self.precision)
 
 
-def batch_moments(x: Array, axis_name: str | tuple[str, ...] | None = None) -> Array:
+def batch_moments(x: Array) -> Array:
   """Per-channel batch (mean, mean of squares) of NHWC `x`, float32, shape (2, C)."""
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
-  moments = jnp.stack([jnp.mean(x, axis=(0, 1, 2)), jnp.mean(jnp.square(x), axis=(0, 1, 2))])
-  return moments if axis_name is None else jax.lax.pmean(moments, axis_name)
+  return jnp.stack([jnp.mean(x, axis=(0, 1, 2)), jnp.mean(jnp.square(x), axis=(0, 1, 2))])
 
 
-class ConcatBatchNorm(nn.Module):
-  """BatchNorm of the concatenation of feature maps whose batch moments are already known.
+@flax.struct.dataclass
+class DenseFeatures:
+  """A dense block's feature maps so far and, when a `BatchNorm` will read them, their moments.
 
-  Training-mode BatchNorm is per channel, so a feature map's statistics do not depend on
-  which later layer reads it: the block computes each map's moments once (O(L) reductions)
-  instead of every layer re-reducing its whole input (O(L^2)). Same math, parameters and
-  statistics as `nn.BatchNorm` (`scale`, `bias`; `mean`, `var`).
+  This is where the shared-statistics trick lives. Training-mode BatchNorm is per channel, so
+  a feature map's batch statistics do not depend on which later layer reads it: computing each
+  map's (mean, mean of squares) once, when it is appended, replaces every layer re-reducing
+  its whole concatenated input -- O(L) reductions per block instead of O(L^2). `BatchNorm`
+  normalises a `DenseFeatures` from these moments; other norms read `concat()`.
   """
 
-  momentum: float
-  epsilon: float
-  dtype: Any
-  param_dtype: Any
+  maps: tuple[Array, ...]
+  moments: tuple[Array, ...] | None  # one (2, C_i) per map; None when nothing reads them
+
+  @classmethod
+  def start(cls, x: Array, with_moments: bool) -> DenseFeatures:
+    """The block input as the first map."""
+    return cls((x,), (batch_moments(x),) if with_moments else None)
+
+  def append(self, y: Array) -> DenseFeatures:
+    """These maps followed by `y` (and its moments, if moments are kept)."""
+    moments = None if self.moments is None else (*self.moments, batch_moments(y))
+    return DenseFeatures((*self.maps, y), moments)
+
+  def concat(self) -> Array:
+    """The maps concatenated along channels."""
+    return jnp.concatenate(self.maps, axis=-1)
+
+
+class BatchNorm(nn.BatchNorm):
+  """nn.BatchNorm that also normalises a `DenseFeatures` from the moments it carries.
+
+  Same parameters, statistics and function as nn.BatchNorm (`scale`, `bias`; `mean`, `var`).
+  """
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], moments: Sequence[Array] | None,
-               train: bool) -> Array:
-    """Normalises concat(features); `moments` (one (2, C_i) per map) is used in training."""
-    x = jnp.concatenate(features, axis=-1)
+  def __call__(self, x: Array | DenseFeatures, use_running_average: bool | None = None,
+               **kwargs: Any) -> Array:
+    """Normalises `x`, or the concatenation of a `DenseFeatures` that carries moments."""
+    if not isinstance(x, DenseFeatures):
+      return super().__call__(x, use_running_average, **kwargs)
+    use_running_average = nn.merge_param("use_running_average", self.use_running_average,
+                                         use_running_average)
+    if x.moments is None or use_running_average:
+      return super().__call__(x.concat(), use_running_average, **kwargs)
+    moments = jnp.concatenate(x.moments, axis=-1)
+    if self.axis_name is not None and not self.is_initializing():
+      moments = jax.lax.pmean(moments, self.axis_name)
+    x = x.concat()
     c = x.shape[-1]
     ra_mean = self.variable("batch_stats", "mean", lambda: jnp.zeros((c,), jnp.float32))
     ra_var = self.variable("batch_stats", "var", lambda: jnp.ones((c,), jnp.float32))
-    scale = self.param("scale", nn.initializers.ones, (c,), self.param_dtype)
-    bias = self.param("bias", nn.initializers.zeros, (c,), self.param_dtype)
-    if train:
-      mean, mean_sq = jnp.concatenate(moments, axis=-1)
-      var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
-      if not self.is_initializing():
-        ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
-        ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    else:
-      mean, var = ra_mean.value, ra_var.value
-    mul = jax.lax.rsqrt(var + self.epsilon) * scale
+    mean, mean_sq = moments
+    var = jnp.maximum(0.0, mean_sq - jnp.square(mean))
+    if not self.is_initializing():
+      ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
+      ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
+    mul = jax.lax.rsqrt(var + self.epsilon)
+    if self.use_scale:
+      mul = mul * self.param("scale", self.scale_init, (c,), self.param_dtype)
+    shift = -mean * mul
+    if self.use_bias:
+      shift = shift + self.param("bias", self.bias_init, (c,), self.param_dtype)
     # x * mul + shift rather than (x - mean) * mul: autodiff then keeps x, which the
     # concatenation holds anyway, instead of a centred copy per layer.
-    y = x * mul + (bias - mean * mul)
-    return jnp.asarray(y, self.dtype)
+    return jnp.asarray(x * mul + shift, self.dtype)
+
+
+def _module_class(module: ModuleDef) -> type:
+  while isinstance(module, functools.partial):
+    module = module.func
+  return module
+
+
+def _fields(module: ModuleDef) -> set[str]:
+  return {f.name for f in dataclasses.fields(_module_class(module))}
+
+
+def _configure(module: ModuleDef, **options: Any) -> ModuleDef:
+  """`module` given each option that it has a field for and that its partial did not set."""
+  given: dict[str, Any] = {}
+  m = module
+  while isinstance(m, functools.partial):
+    given |= m.keywords
+    m = m.func
+  return functools.partial(module, **{k: v for k, v in options.items()
+                                      if k in _fields(m) and k not in given})
 
 
 class DenseLayer(nn.Module):
-  """H_l: [BN-ReLU-Conv1x1(bn_size*k)]-BN-ReLU-Conv3x3(k) on the concatenated inputs."""
+  """H_l: [norm-act-Conv1x1(bn_size*k)]-norm-act-Conv3x3(k) of the concatenated inputs."""
 
   growth_rate: int
   bn_size: int | None  # None: the basic layer without bottleneck
   drop_rate: float
   memory_efficient: bool
-  concat_norm: ModuleDef
-  norm: ModuleDef
   conv: ModuleDef
+  norm: ModuleDef
+  act: Callable[[Array], Array]
 
   @nn.compact
-  def __call__(self, features: Sequence[Array], moments: Sequence[Array] | None,
-               train: bool) -> Array:
-    """The k new feature maps from all earlier ones (`moments`: theirs, used in training)."""
+  def __call__(self, inputs: DenseFeatures, train: bool) -> Array:
+    """The k new feature maps from all earlier ones."""
+    bn_function = DenseLayer.bn_function
+    if self.memory_efficient:
+      # Pleiss et al. 2017: the concat-norm-act output is the only tensor that grows with the
+      # layer index; recomputing it in the backward pass makes memory linear in depth.
+      bn_function = nn.remat(bn_function)
+    y = self._dropout(bn_function(self, inputs), train)
+    if self.bn_size is not None:
+      y = self.act(self.norm(name="norm2")(y))
+      y = self._dropout(self.conv(self.growth_rate, (3, 3), name="conv2")(y), train)
+    return y
+
+  def bn_function(self, inputs: DenseFeatures) -> Array:
+    """norm1-act-conv1 of the concatenated inputs (torchvision's `bn_function`)."""
     bottleneck = self.bn_size is not None
     width = self.bn_size * self.growth_rate if bottleneck else self.growth_rate
-    kernel = (1, 1) if bottleneck else (3, 3)
-
-    def first_conv(module: nn.Module, features: Sequence[Array],
-                   moments: Sequence[Array] | None, train: bool) -> Array:
-      del module  # the lifted scope; submodules below attach to it
-      x = nn.relu(self.concat_norm(name="norm1")(features, moments, train))
-      return self.conv(width, kernel, name="conv1")(x)
-
-    if self.memory_efficient:
-      # Pleiss et al. 2017: the concat+BN+ReLU output is the only tensor that grows with
-      # the layer index; recomputing it in the backward pass makes memory linear in depth.
-      first_conv = nn.remat(first_conv, static_argnums=(3,))
-    y = self._dropout(first_conv(self, features, moments, train), train)
-    if bottleneck:
-      y = nn.relu(self.norm(name="norm2")(y, use_running_average=not train))
-      y = self.conv(self.growth_rate, (3, 3), name="conv2")(y)
-      y = self._dropout(y, train)
-    return y
+    x = self.norm(name="norm1")(inputs if inputs.moments is not None else inputs.concat())
+    return self.conv(width, (1, 1) if bottleneck else (3, 3), name="conv1")(self.act(x))
 
   def _dropout(self, x: Array, train: bool) -> Array:
     if self.drop_rate == 0.0:
@@ -160,52 +223,39 @@ class DenseBlock(nn.Module):
   bn_size: int | None
   drop_rate: float
   memory_efficient: bool
-  concat_norm: ModuleDef
-  norm: ModuleDef
   conv: ModuleDef
-  bn_axis_name: str | tuple[str, ...] | None = None
+  norm: ModuleDef
+  act: Callable[[Array], Array]
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Maps m0 channels to m0 + num_layers * growth_rate channels."""
-    axis_name = None if self.is_initializing() else self.bn_axis_name
-
-    def moments_of(x: Array) -> Array | None:
-      return batch_moments(x, axis_name) if train else None
-
-    features, moments = [x], [moments_of(x)]
+    shares_moments = train and issubclass(_module_class(self.norm), BatchNorm)
+    features = DenseFeatures.start(x, with_moments=shares_moments)
     for i in range(self.num_layers):
       # The barrier's transpose is a barrier on the gradients: each map's gradient is then
       # accumulated layer by layer. Without it, XLA sums it over all later layers in one
       # fusion that keeps every later layer's input gradient alive (O(L^2) memory).
-      features, moments = jax.lax.optimization_barrier((features, moments))
-      layer = DenseLayer(
-          growth_rate=self.growth_rate,
-          bn_size=self.bn_size,
-          drop_rate=self.drop_rate,
-          memory_efficient=self.memory_efficient,
-          concat_norm=self.concat_norm,
-          norm=self.norm,
-          conv=self.conv,
-          name=f"denselayer{i + 1}",
-      )
-      y = layer(features, moments, train)
-      features, moments = [*features, y], [*moments, moments_of(y)]
-    return jnp.concatenate(features, axis=-1)
+      features = jax.lax.optimization_barrier(features)
+      layer = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.memory_efficient,
+                         self.conv, self.norm, self.act, name=f"denselayer{i + 1}")
+      features = features.append(layer(features, train))
+    return features.concat()
 
 
 class Transition(nn.Module):
-  """BN-ReLU-Conv1x1(out_channels)-AvgPool 2x2/2 between dense blocks."""
+  """norm-act-Conv1x1(out_channels)-AvgPool 2x2/2 between dense blocks."""
 
   out_channels: int
   drop_rate: float
-  norm: ModuleDef
   conv: ModuleDef
+  norm: ModuleDef
+  act: Callable[[Array], Array]
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Compresses channels and halves the spatial size."""
-    x = nn.relu(self.norm(name="norm")(x, use_running_average=not train))
+    x = self.act(self.norm(name="norm")(x))
     x = self.conv(self.out_channels, (1, 1), name="conv")(x)
     if self.drop_rate > 0.0:
       x = nn.Dropout(self.drop_rate, deterministic=not train)(x)
@@ -234,6 +284,14 @@ class DenseNet(nn.Module):
     bn_momentum: flax convention, running = momentum * running + (1 - momentum) * batch;
       0.9 equals torch's momentum=0.1.
     bn_epsilon: BatchNorm epsilon (torchvision 1e-5; Keras applications 1.001e-5).
+    conv: the convolution, called as conv(features, kernel_size, strides=..., name=...);
+      given dtype, param_dtype, no bias and He-normal init unless its partial sets them
+      (nn.Conv works).
+    norm: the normalisation, called as norm(name=...)(x); given dtype, param_dtype and
+      bn_epsilon, and a batch norm (one with `use_running_average`) also train/eval,
+      bn_momentum and bn_axis_name, unless its partial sets them (nn.BatchNorm and
+      nn.GroupNorm work; only `BatchNorm` shares moments within a block).
+    act: the activation after every norm.
   """
 
   growth_rate: int = 32
@@ -252,6 +310,9 @@ class DenseNet(nn.Module):
   bn_axis_name: str | tuple[str, ...] | None = None
   bn_momentum: float = 0.9
   bn_epsilon: float = 1e-5
+  conv: ModuleDef = Conv
+  norm: ModuleDef = BatchNorm
+  act: Callable[[Array], Array] = nn.relu
 
   def __post_init__(self) -> None:
     _check_config(self)
@@ -285,23 +346,20 @@ class DenseNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array | dict[str, Array]:
     """Logits (N, num_classes), pooled features if num_classes == 0, or stage maps."""
     self._check_input(x)
-    norm = functools.partial(
-        nn.BatchNorm,
-        momentum=self.bn_momentum,
-        epsilon=self.bn_epsilon,
-        dtype=self.dtype,
-        param_dtype=self.param_dtype,
-        axis_name=self.bn_axis_name,
-    )
-    concat_norm = functools.partial(
-        ConcatBatchNorm, momentum=self.bn_momentum, epsilon=self.bn_epsilon, dtype=self.dtype,
-        param_dtype=self.param_dtype,
-    )
-    conv = functools.partial(Conv, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv = _configure(self.conv, dtype=self.dtype, param_dtype=self.param_dtype,
+                      use_bias=False, kernel_init=he_normal)
+    norm_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.bn_epsilon)
+    if "use_running_average" in _fields(self.norm):  # batch statistics, not per example
+      norm_options |= dict(use_running_average=not train, momentum=self.bn_momentum,
+                           axis_name=self.bn_axis_name)
+    norm = _configure(self.norm, **norm_options)
+    act = self.act
     x = jnp.asarray(x, self.dtype)
     if self.stem == "imagenet":
-      x = conv(self.num_init_features, (7, 7), strides=(2, 2), name="conv0")(x)
-      x = nn.relu(norm(name="norm0")(x, use_running_average=not train))
+      # torchvision's symmetric padding ('SAME' would pad this stride-2 conv asymmetrically)
+      x = conv(self.num_init_features, (7, 7), strides=(2, 2), padding=((3, 3), (3, 3)),
+               name="conv0")(x)
+      x = act(norm(name="norm0")(x))
       x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
     else:
       x = conv(self.num_init_features, (3, 3), name="conv0")(x)
@@ -309,27 +367,16 @@ class DenseNet(nn.Module):
 
     channels = self.block_channels()
     for i, num_layers in enumerate(self.block_config):
-      x = DenseBlock(
-          num_layers=num_layers,
-          growth_rate=self.growth_rate,
-          bn_size=self.bn_size,
-          drop_rate=self.drop_rate,
-          memory_efficient=self.memory_efficient,
-          concat_norm=concat_norm,
-          norm=norm,
-          conv=conv,
-          bn_axis_name=self.bn_axis_name,
-          name=f"denseblock{i + 1}",
-      )(x, train)
+      x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
+                     self.memory_efficient, conv, norm, act, name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
-        x = Transition(channels[i][1], self.drop_rate, norm, conv,
+        x = Transition(channels[i][1], self.drop_rate, conv, norm, act,
                        name=f"transition{i + 1}")(x, train)
     if self.features_only:
       return stages
 
-    x = nn.relu(norm(name="norm_final")(x, use_running_average=not train))
-    x = jnp.mean(x, axis=(1, 2))
+    x = jnp.mean(act(norm(name="norm_final")(x)), axis=(1, 2))
     if self.num_classes == 0:
       return x
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
@@ -528,6 +575,11 @@ def native_input_shape(model: DenseNet, batch_size: int = 1) -> tuple[int, int, 
   """The input shape a preset was designed for: 32x32 (CIFAR stem) or 224x224."""
   size = 32 if model.stem == "cifar" else 224
   return (batch_size, size, size, model.in_channels)
+
+
+def abstract_variables(model: DenseNet, input_shape: Sequence[int]) -> Any:
+  """The model's variables as jax.ShapeDtypeStructs (an eval-mode init that computes nothing)."""
+  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
 
 
 def count_params(params: Any) -> int:

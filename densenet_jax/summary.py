@@ -15,7 +15,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import models
+from densenet_jax import losses, models
 
 BATCH_CIFAR = 64
 BATCH_IMAGENET = 32
@@ -52,13 +52,9 @@ def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:
 
 def forward_macs(model: models.DenseNet, input_shape: tuple[int, ...]) -> int:
   """Multiply-accumulates of one inference forward pass, counted from the jaxpr."""
-  variables = _abstract_variables(model, input_shape)
+  variables = models.abstract_variables(model, input_shape)
   x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
   return _jaxpr_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr)
-
-
-def _abstract_variables(model: models.DenseNet, input_shape: tuple[int, ...]) -> Any:
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(input_shape)))
 
 
 def train_loss(model: models.DenseNet, params: Any, batch_stats: Any, x: jax.Array,
@@ -66,13 +62,12 @@ def train_loss(model: models.DenseNet, params: Any, batch_stats: Any, x: jax.Arr
   """Mean cross-entropy of a training-mode forward pass, and the updated BN state."""
   logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                               mutable=["batch_stats"])
-  logp = jax.nn.log_softmax(logits.astype(jnp.float32))
-  return -jnp.mean(jnp.take_along_axis(logp, labels[:, None], axis=1)), state
+  return jnp.mean(losses.cross_entropy(logits, labels)), state
 
 
 def train_step_temp_bytes(model: models.DenseNet, input_shape: tuple[int, ...]) -> int:
   """XLA temp bytes of a compiled forward+backward step (no data or device memory needed)."""
-  variables = _abstract_variables(model, input_shape)
+  variables = models.abstract_variables(model, input_shape)
   grad = jax.jit(jax.grad(functools.partial(train_loss, model), has_aux=True))
   x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
   labels = jax.ShapeDtypeStruct(input_shape[:1], jnp.int32)
@@ -89,7 +84,7 @@ def summarize(name: str, memory: bool = True) -> dict[str, Any]:
       "depth": model.depth,
       "growth": model.growth_rate,
       "input": f"{shape[1]}x{shape[2]}",
-      "params": models.count_params(_abstract_variables(model, shape)["params"]),
+      "params": models.count_params(models.abstract_variables(model, shape)["params"]),
       "gmacs": forward_macs(model, shape) / 1e9,
   }
   if memory:

@@ -3,12 +3,14 @@
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
-from densenet_jax import models, summary
+from densenet_jax import losses, models, summary
 
 EXACT_PARAMS = {
     ("densenet_bc_100", 10): 769_162,
@@ -26,10 +28,6 @@ PAPER_DEPTH_PARAMS_M = {  # Table 2: depth L and parameters rounded to 0.1M
     "densenet_bc_250": (250, 15.3),
     "densenet_bc_190": (190, 25.6),
 }
-
-
-def abstract_variables(model, shape):
-  return jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
 
 
 def tiny(**kw):
@@ -60,7 +58,7 @@ def apply(model, v, x, train=False, rng=None):
 @pytest.mark.parametrize("name,classes", sorted(EXACT_PARAMS))
 def test_exact_parameter_counts(name, classes):
   model = models.get_model(name, num_classes=classes)
-  v = abstract_variables(model, models.native_input_shape(model))
+  v = models.abstract_variables(model, models.native_input_shape(model))
   assert models.count_params(v["params"]) == EXACT_PARAMS[(name, classes)]
 
 
@@ -68,7 +66,7 @@ def test_exact_parameter_counts(name, classes):
 def test_paper_depth_and_parameter_counts_to_rounding(name):
   depth, params_m = PAPER_DEPTH_PARAMS_M[name]
   model = models.get_model(name)
-  v = abstract_variables(model, models.native_input_shape(model))
+  v = models.abstract_variables(model, models.native_input_shape(model))
   assert round(models.count_params(v["params"]) / 1e6, 1) == params_m
   assert model.depth == depth
 
@@ -87,7 +85,7 @@ def test_registry_lists_every_paper_preset():
 def test_output_shapes_every_preset(name):
   model = models.get_model(name)
   shape = models.native_input_shape(model, batch_size=2)
-  v = abstract_variables(model, shape)
+  v = models.abstract_variables(model, shape)
   logits = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), v)
   assert logits.shape == (2, model.num_classes)
   final_channels = model.block_channels()[-1][0]
@@ -106,7 +104,7 @@ def test_dense_connectivity_channel_counts(name, expected):
   model = models.get_model(name, features_only=True)
   assert model.block_channels() == blocks
   shape = models.native_input_shape(model, batch_size=1)
-  v = abstract_variables(model, shape)
+  v = models.abstract_variables(model, shape)
   stages = jax.eval_shape(lambda v: model.apply(v, jnp.zeros(shape)), v)
   assert stages["stem"].shape[-1] == stem_channels
   for i, (block_out, _) in enumerate(blocks):
@@ -209,7 +207,7 @@ def test_memory_efficient_matches_default_outputs_and_gradients():
   x = images((8, 16, 16, 3))
   default, efficient = tiny(drop_rate=0.0), tiny(memory_efficient=True)
   v = init(default, x)
-  chex.assert_trees_all_equal_shapes(v, abstract_variables(efficient, x.shape))
+  chex.assert_trees_all_equal_shapes(v, models.abstract_variables(efficient, x.shape))
   labels = jnp.arange(8) % 5
   grads = [jax.jit(jax.grad(functools.partial(summary.train_loss, m), has_aux=True))(
       v["params"], v["batch_stats"], x, labels) for m in (default, efficient)]
@@ -306,3 +304,61 @@ def test_forward_mode_autodiff_agrees_with_reverse_mode():
                                            jax.tree_util.tree_leaves(direction)))
   np.testing.assert_allclose(tangent, dot, rtol=1e-4)
   assert abs(float(dot)) > 1e-6
+
+
+# ------------------------------------------------------------- swappable modules, loss
+
+
+def test_group_norm_replaces_batch_norm_everywhere():
+  model = tiny(depth=10, norm=functools.partial(nn.GroupNorm, num_groups=1))
+  x = images((4, 8, 8, 3))
+  v = init(model, x)
+  assert "batch_stats" not in v
+  assert set(v["params"]["denseblock1"]["denselayer1"]["norm1"]) == {"scale", "bias"}
+  labels = jnp.arange(4) % 5
+
+  def grads(m):
+    def loss(params):
+      return jnp.mean(losses.cross_entropy(m.apply({"params": params}, x, train=True), labels))
+    return jax.jit(jax.grad(loss))(v["params"])
+
+  g = grads(model)
+  assert all(bool(jnp.all(jnp.isfinite(leaf))) for leaf in jax.tree_util.tree_leaves(g))
+  chex.assert_trees_all_close(grads(model.clone(memory_efficient=True)), g, rtol=1e-5,
+                              atol=1e-7)
+  # GroupNorm normalises each example on its own: example 0 ignores the rest of the batch.
+  np.testing.assert_allclose(apply(model, v, x)[:1], apply(model, v, x[:1]), rtol=1e-5,
+                             atol=1e-5)
+
+
+def test_act_is_used_after_every_norm():
+  x = images()
+  v = init(tiny(), x)
+  relu, gelu = apply(tiny(features_only=True), v, x), apply(
+      tiny(features_only=True, act=nn.gelu), v, x)
+  np.testing.assert_array_equal(relu["stem"], gelu["stem"])  # the CIFAR stem is a bare conv
+  assert not np.allclose(relu["block1"], gelu["block1"], atol=1e-3)
+
+
+@pytest.mark.parametrize("kernel,strides", [((1, 1), (1, 1)), ((3, 3), (1, 1)), ((1, 1), (2, 2))])
+def test_conv_as_matmul_equals_convolution(kernel, strides):
+  x = images((2, 8, 8, 6))
+  as_dot = models.Conv(5, kernel, strides, matmul_1x1=True)
+  as_conv = models.Conv(5, kernel, strides, matmul_1x1=False)
+  v = as_conv.init(jax.random.key(0), x)
+  assert jax.tree_util.tree_map(jnp.shape, v) == {"params": {"kernel": (*kernel, 6, 5)}}
+  np.testing.assert_allclose(as_dot.apply(v, x), as_conv.apply(v, x), rtol=1e-5, atol=1e-5)
+  jaxpr = str(jax.make_jaxpr(as_dot.apply)(v, x))
+  assert ("dot_general" in jaxpr) == (kernel == (1, 1) and strides == (1, 1))
+  assert models.conv_1x1_as_matmul("cpu") and not models.conv_1x1_as_matmul("gpu")
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_equals_optax(smoothing):
+  logits = jax.random.normal(jax.random.key(0), (6, 7)).astype(jnp.bfloat16)
+  labels = jnp.array([0, 6, 3, 3, 1, 2])
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, 7), smoothing)
+  expected = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+  got = losses.cross_entropy(logits, labels, smoothing)
+  assert got.shape == (6,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-6)

@@ -1,12 +1,14 @@
 """The library's DenseNet equals the textbook one (tests/reference_densenet.py).
 
 The library computes BatchNorm moments once per feature map, runs 1x1 convolutions as
-matmuls and chains gradients through each block; none of that may change the function.
+matmuls and chains gradients through each block; none of that may change the function. Built
+from plain nn.BatchNorm and nn.Conv instead (the straightforward path) it is the same too.
 """
 
 import functools
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,12 +23,20 @@ CASES = {
     "basic": dict(depth=13, growth_rate=6, bottleneck=False, num_classes=5),
     "basic_memory_efficient": dict(depth=13, growth_rate=6, bottleneck=False, num_classes=5,
                                    memory_efficient=True),
+    "bc_plain_flax_modules": dict(depth=22, growth_rate=4, num_classes=5, norm=nn.BatchNorm,
+                                  conv=nn.Conv),
+    "bc_plain_flax_modules_memory_efficient": dict(depth=22, growth_rate=4, num_classes=5,
+                                                   norm=nn.BatchNorm, conv=nn.Conv,
+                                                   memory_efficient=True),
+    "bc_convolutions_not_matmuls": dict(depth=22, growth_rate=4, num_classes=5,
+                                        conv=functools.partial(models.Conv, matmul_1x1=False)),
 }
+IMAGENET = {"imagenet": {}, "imagenet_plain_flax_modules": dict(norm=nn.BatchNorm, conv=nn.Conv)}
 
 
 def _models(case):
-  if case == "imagenet":
-    model = models.densenet_imagenet((2, 3, 2, 2), growth_rate=4, num_classes=5)
+  if case in IMAGENET:
+    model = models.densenet_imagenet((2, 3, 2, 2), growth_rate=4, num_classes=5, **IMAGENET[case])
     return model, jax.random.normal(jax.random.key(3), (4, 64, 64, 3))
   model = models.densenet_cifar(**CASES[case])
   return model, jax.random.normal(jax.random.key(3), (8, 16, 16, 3))
@@ -49,7 +59,7 @@ def _randomised_variables(model, x):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-@pytest.mark.parametrize("case", [*CASES, "imagenet"])
+@pytest.mark.parametrize("case", [*CASES, *IMAGENET])
 def test_library_equals_textbook_densenet(case):
   model, x = _models(case)
   reference = ReferenceDenseNet(model)
