@@ -1,6 +1,9 @@
 """DenseNet (L=40, k=12) on CIFAR-10: 5.24% error with augmentation (C10+), 7.00% without.
 
 `--config=configs/cifar_densenet40.py:noaug` selects the un-augmented variant with dropout 0.2.
+
+Devices: 1, 2, 4, 8, 16, 32, 64 (the global batch of 64 must divide evenly; elsewhere set
+batch_size and learning_rate as the error message suggests).
 """
 
 from configs import default

@@ -2,6 +2,9 @@
 
 The 1797 images are written once into a real tfds dataset under `data_dir` and read by the
 same pipeline as CIFAR.
+
+Devices: 1, 2, 4, 8, 16, 32, 64 (the global batch of 64 must divide evenly; elsewhere set
+batch_size and learning_rate as the error message suggests).
 """
 
 from configs import default

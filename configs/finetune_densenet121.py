@@ -7,6 +7,9 @@ Convert published weights first, then point `init_from` at the result:
         --config.init_from=dn121.npz
 
 The classifier is re-initialised when the dataset's class count differs from the checkpoint's.
+
+Devices: 1, 2, 4, 8, 16, 32, 64 (the global batch of 64 must divide evenly; elsewhere set
+batch_size and learning_rate as the error message suggests).
 """
 
 from configs import default

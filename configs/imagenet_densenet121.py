@@ -1,4 +1,8 @@
-"""DenseNet-121 on ImageNet (tfds imagenet2012): paper Table 3, 25.02% top-1 error."""
+"""DenseNet-121 on ImageNet (tfds imagenet2012): paper Table 3, 25.02% top-1 error.
+
+Devices: 1, 2, 4, 8, 16, 32, 64, 128, 256 (a v4-32 has 16 chips; the eval batch of 250 is
+rounded up to a multiple of the device count, padding masked).
+"""
 
 from configs import default
 

@@ -1,6 +1,17 @@
-"""`python -m train.main --config configs/cifar_bc.py --workdir /tmp/run [--config.x=y ...]`."""
+"""Trains and evaluates a DenseNet.
 
+    python -m train.main --config configs/cifar_bc.py --workdir /tmp/run [--config.FIELD=VALUE ...]
+    python -m train.main --config configs/cifar_bc.py --print_config   # every field, explained
+
+Mistakes (config, data, workdir, disk, checkpoints) end in one message naming the fix and exit
+code 1; --verbosity=1 (or DENSENET_JAX_TRACEBACK=1) adds the traceback.
+"""
+
+import contextlib
+import errno
 import os
+import re
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF loads: no C++ info spam
 
@@ -9,21 +20,59 @@ from ml_collections import config_flags
 
 import jax
 
-from train import distributed, train
+from train import distributed, errors, preemption, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+flags.DEFINE_bool("print_config", False,
+                  "Print every config field with its value and meaning, then exit.")
+flags.DEFINE_enum("distributed", "auto", distributed.MODES,
+                  "auto: join a cluster JAX detects (TPU pod, SLURM, Open MPI, k8s) or the "
+                  "--coordinator_address flags, else run as one process; on: require one; off.")
 flags.DEFINE_string("coordinator_address", None,
-                    "host:port of process 0 for multi-process runs outside a detected cluster "
-                    "(TPU pods, SLURM and Open MPI are detected automatically).")
+                    "host:port of process 0 for multi-process runs outside a detected cluster.")
 flags.DEFINE_integer("num_processes", None, "Number of processes (with --coordinator_address).")
 flags.DEFINE_integer("process_id", None, "This process's index (with --coordinator_address).")
 flags.DEFINE_integer("heartbeat_timeout_seconds", 100,
                      "A peer silent this long is declared dead and the run stops with an error.")
 flags.DEFINE_integer("initialization_timeout_seconds", 300,
                      "How long to wait for every process to join.")
-flags.mark_flags_as_required(["config", "workdir"])
+
+
+def _import_tensorflow_quietly() -> None:
+  """Imports TF with its C++ start-up lines (oneDNN, absl pre-init) sent to /dev/null."""
+  if "tensorflow" in sys.modules:
+    return
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+      with contextlib.suppress(ImportError):
+        import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
+def describe_config(config) -> str:
+  """Every field of `config`, its value and its one-line meaning (configs/default.py HELP)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  lines = []
+  flat = {}
+
+  def walk(prefix, node):
+    for key in node.keys():
+      value = node[key]
+      if hasattr(value, "keys") and key != "model_overrides":
+        walk(f"{prefix}{key}.", value)
+      else:
+        flat[prefix + key] = value.to_dict() if hasattr(value, "to_dict") else value
+
+  walk("", config)
+  for key, value in flat.items():
+    lines.append(f"{f'{key} = {value!r}':<44}  # {default.HELP.get(key, '')}".rstrip(" #"))
+  return "\n".join(lines)
 
 
 def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
@@ -32,20 +81,79 @@ def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-  distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id,
-                         FLAGS.heartbeat_timeout_seconds, FLAGS.initialization_timeout_seconds)
-  logging.info("JAX %s: %d processes, %d devices (%s).", jax.__version__, jax.process_count(),
-               jax.device_count(), jax.default_backend())
-  return train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+  if FLAGS.workdir is None:
+    raise errors.ConfigError("--workdir is required (a directory for checkpoints and metrics), "
+                             "e.g. --workdir=/tmp/run.")
+  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                         FLAGS.process_id, FLAGS.heartbeat_timeout_seconds,
+                         FLAGS.initialization_timeout_seconds)
+  notice = preemption.Preemption()  # before anything slow: SIGTERM is handled from here on
+  try:
+    _import_tensorflow_quietly()
+    logging.info("JAX %s: %d processes, %d devices (%s).", jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.default_backend())
+    return train.train_and_evaluate(FLAGS.config, FLAGS.workdir, notice)
+  finally:
+    notice.close()
+
+
+def _user_error(e: BaseException) -> str | None:
+  """The message to show for an error the user can fix, else None (a bug: traceback)."""
+  if isinstance(e, (errors.UserError, preemption.Preempted)):
+    return str(e)
+  if type(e).__name__ == "DataMissingError":  # train.input_pipeline, which needs TF to import
+    return str(e)
+  seen = e
+  while seen is not None:  # orbax wraps I/O errors of its background writes
+    if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or (
+        "No space left on device" in str(seen)):
+      return (f"The disk holding --workdir={FLAGS.workdir} is full. Free space (or choose "
+              f"another --workdir) and rerun the same command: it resumes from the newest "
+              f"complete checkpoint.")
+    seen = seen.__cause__ or seen.__context__
+  return None
 
 
 def main(argv: list[str]) -> None:
   """Trains and evaluates; prints the final test accuracy."""
-  _, metrics = run(argv)
+  if FLAGS.config is None:
+    print("error: --config is required, e.g. --config configs/cifar_bc.py.", file=sys.stderr)
+    sys.exit(2)
+  if FLAGS.print_config:
+    print(describe_config(FLAGS.config))
+    return
+  try:
+    _, metrics = run(argv)
+  except Exception as e:  # pylint: disable=broad-except
+    message = _user_error(e)
+    if message is None or FLAGS["verbosity"].present or os.environ.get("DENSENET_JAX_TRACEBACK"):
+      raise
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(143 if isinstance(e, preemption.Preempted) else 1)
   if metrics and jax.process_index() == 0:
     print(f"Final test accuracy: {metrics['accuracy']:.4f} "
           f"({int(metrics['examples'])} examples)", flush=True)
 
 
+def _parse_flags(argv: list[str]) -> list[str]:
+  """absl flag parsing whose errors (a typo in a config field, say) are one clean line."""
+  if any(a in ("-h", "--help", "-?") for a in argv[1:]):
+    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.main_module_help())
+    sys.exit(0)
+  try:
+    return FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    text = str(e)
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: no such field
+      raw = str(e.args[0] if e.args else e)
+      name = re.search(r"\w+", raw)
+      hint = re.search(r"Did you mean.*", raw.replace("\\n", "\n"))
+      text = (f"no config field '{name.group(0) if name else raw}'. "
+              f"{hint.group(0).rstrip(chr(39)) if hint else ''}").strip()
+    print(f"error: {text}\nSee the fields with --print_config, the flags with --help.",
+          file=sys.stderr)
+    sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

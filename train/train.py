@@ -1,28 +1,34 @@
-"""One train loop: a shard_map'd SGD step over a data-parallel Mesh, orbax resume, metrics."""
+"""One train loop: a shard_map'd SGD step over a data-parallel Mesh, verified orbax resume.
+
+The step, the state and the model need only jax, flax and optax: TensorFlow/tfds (the input
+pipeline) and clu (TensorBoard) are imported where data is read and metrics are written, so
+the step builds and benchmarks on machines without them.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
-import signal
-import sys
 import time
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import flax
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
-from flax import traverse_util
 from etils import epath
+from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from densenet_jax import models, pretrained
-from train import checkpointing, input_pipeline
+from train import checkpointing, errors, preemption as preemption_lib, validation, workdir as workdir_lib
+
+if TYPE_CHECKING:
+  import ml_collections
+  from train import input_pipeline, reporting
 
 AXIS = "data"
 
@@ -54,6 +60,14 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int,
       **overrides)
 
 
+def create_train_state(model: models.DenseNet, tx: optax.GradientTransformation,
+                       input_shape: tuple[int, ...], rng: jax.Array) -> TrainState:
+  """A freshly initialised state (step 0) for inputs of `input_shape` (NHWC, any batch)."""
+  variables = model.init(rng, jnp.zeros((1, *input_shape[1:]), jnp.float32), train=False)
+  return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
+                    batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
+
+
 def warm_start(state: TrainState, path: str, tx: optax.GradientTransformation) -> TrainState:
   """Copies pretrained params and BN statistics into a fresh state (fine-tuning).
 
@@ -74,7 +88,7 @@ def warm_start(state: TrainState, path: str, tx: optax.GradientTransformation) -
                       key, source.shape, path, value.shape)
       merged[key] = value
     else:
-      raise ValueError(
+      raise errors.ConfigError(
           f"--config.init_from={path} holds a {meta['model']} whose {key} is "
           f"{None if source is None else source.shape}, but {key} of this run's model is "
           f"{value.shape}. Use a checkpoint of the same architecture (--config.model="
@@ -84,6 +98,11 @@ def warm_start(state: TrainState, path: str, tx: optax.GradientTransformation) -
                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
 
 
+def lr_boundaries(config: ml_collections.ConfigDict, total_steps: int) -> list[int]:
+  """The steps at which the piecewise schedule multiplies the learning rate by lr_decay."""
+  return [int(b * total_steps) for b in config.lr_boundaries]
+
+
 def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
                      total_steps: int) -> optax.Schedule:
   """Piecewise-constant (paper) or cosine decay, after an optional linear warmup."""
@@ -91,12 +110,9 @@ def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
   if config.lr_schedule == "piecewise":
     main = optax.piecewise_constant_schedule(
         config.learning_rate,
-        {int(b * total_steps) - warmup: config.lr_decay for b in config.lr_boundaries})
-  elif config.lr_schedule == "cosine":
-    main = optax.cosine_decay_schedule(config.learning_rate, max(1, total_steps - warmup))
+        {b - warmup: config.lr_decay for b in lr_boundaries(config, total_steps)})
   else:
-    raise ValueError(f"config.lr_schedule must be 'piecewise' or 'cosine', got "
-                     f"{config.lr_schedule!r}")
+    main = optax.cosine_decay_schedule(config.learning_rate, max(1, total_steps - warmup))
   if warmup == 0:
     return main
   return optax.join_schedules(
@@ -181,9 +197,7 @@ def make_eval_step(model: models.DenseNet, mesh: Mesh
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
 
 
-def _host(x: jax.Array) -> np.ndarray:
-  """A replicated global array's value on this host (works across processes)."""
-  return np.asarray(x.addressable_data(0))
+_host = checkpointing.host_value
 
 
 def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -192,216 +206,303 @@ def global_batch(mesh: Mesh, local: dict[str, np.ndarray]) -> dict[str, jax.Arra
   return {k: jax.make_array_from_process_local_data(sharding, v) for k, v in local.items()}
 
 
-class Reporter:
-  """Process 0 writes metrics to TensorBoard, `<workdir>/metrics.jsonl` and the console."""
+@dataclasses.dataclass
+class Run:
+  """What one launch of the trainer works with, resolved from the config and the dataset."""
 
-  def __init__(self, workdir: epath.Path, total_steps: int):
-    self.active = jax.process_index() == 0
-    self.total_steps = total_steps
-    self.interactive = sys.stdout.isatty()
-    self.start = time.time()
-    if self.active:
-      self.tensorboard = metric_writers.SummaryWriter(str(workdir / "tensorboard"))
-      self.jsonl = (workdir / "metrics.jsonl").open("a")
+  config: ml_collections.ConfigDict
+  workdir: epath.Path
+  builder: Any
+  info: input_pipeline.DatasetInfo
+  batches: validation.Batches
+  steps_per_epoch: int
+  total_steps: int
+  model: models.DenseNet
+  lr_fn: optax.Schedule
+  tx: optax.GradientTransformation
+  mesh: Mesh
 
-  def write(self, step: int, kind: str, scalars: dict[str, float]) -> None:
-    """Records one set of scalars at a step."""
-    if not self.active:
-      return
-    self.tensorboard.write_scalars(step, {f"{kind}/{k}": v for k, v in scalars.items()})
-    self.jsonl.write(json.dumps({"step": step, "kind": kind, **scalars}) + "\n")
-    self.jsonl.flush()
-    text = " ".join(f"{k}={v:.4g}" for k, v in scalars.items())
-    elapsed = time.time() - self.start
-    line = f"[{kind} step {step}/{self.total_steps}] {text}"
-    if self.interactive and kind == "train":
-      done = step / max(1, self.total_steps)
-      bar = "#" * int(30 * done)
-      eta = elapsed / max(done, 1e-9) * (1 - done)
-      print(f"\r[{bar:<30}] {line} eta {eta:.0f}s", end="", flush=True)
-    else:
-      print(("\n" if self.interactive else "") + line, flush=True)
+  def identity(self) -> dict[str, Any]:
+    """What determines the saved state's structure; a checkpoint must match it to resume."""
+    c = self.config
+    return {"model": c.model, "model_overrides": dict(c.model_overrides),
+            "half_precision": c.half_precision, "dataset": c.dataset,
+            "num_classes": self.info.num_classes, "channels": self.info.channels,
+            "optimizer": "sgd+momentum" if c.momentum else "sgd"}
 
-  def close(self) -> None:
-    """Flushes and closes the writers."""
-    if self.active:
-      self.tensorboard.close()
-      self.jsonl.close()
+  def schedule(self) -> dict[str, Any]:
+    """The learning-rate schedule in steps (recorded with checkpoints, compared on resume)."""
+    c = self.config
+    return {"total_steps": self.total_steps, "lr_schedule": c.lr_schedule,
+            "learning_rate": c.learning_rate,
+            "boundaries": lr_boundaries(c, self.total_steps) if c.lr_schedule == "piecewise"
+                          else [], "warmup_steps": int(c.warmup_epochs * self.steps_per_epoch)}
+
+  def meta(self) -> dict[str, Any]:
+    """The JSON saved with every checkpoint."""
+    return {"seed": self.config.seed, "batch_size": self.config.batch_size,
+            "dataset": self.config.dataset, "identity": self.identity(),
+            "schedule": self.schedule()}
 
 
-class _Preemption:
-  """Turns SIGTERM into a request to checkpoint and stop at the next step boundary."""
+def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
+  """Validates the config against itself, the devices and the dataset; builds the model."""
+  validation.validate(config)
+  batches = validation.batches(config, jax.device_count(), jax.process_count())
+  from train import input_pipeline  # pylint: disable=g-import-not-at-top
+  builder = input_pipeline.get_builder(config)
+  info = input_pipeline.dataset_info(builder, config)
+  if config.augment != "imagenet" and info.image_size != (config.image_size,) * 2:
+    raise errors.ConfigError(
+        f"{config.dataset} images are {info.image_size}, but config.image_size="
+        f"{config.image_size}: set --config.image_size={info.image_size[0]}, or use "
+        f"--config.augment=imagenet to crop and resize.")
+  steps_per_epoch = info.num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise errors.ConfigError(
+        f"config.batch_size={config.batch_size} exceeds the {info.num_train} training "
+        f"examples of {config.dataset}:{config.train_split}.")
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  try:
+    model = create_model(config, info.num_classes, info.channels)
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(f"Cannot build --config.model={config.model} for "
+                             f"{config.dataset}: {e}") from e
+  lr_fn = learning_rate_fn(config, steps_per_epoch, total_steps)
+  return Run(config=config, workdir=workdir, builder=builder, info=info, batches=batches,
+             steps_per_epoch=steps_per_epoch, total_steps=total_steps, model=model,
+             lr_fn=lr_fn, tx=create_optimizer(config, lr_fn), mesh=make_mesh())
 
-  def __init__(self):
-    self.requested = False
-    self._previous = signal.signal(signal.SIGTERM, self._handle)
 
-  def _handle(self, signum, frame):
-    del signum, frame
-    logging.warning("SIGTERM: saving a checkpoint and stopping at the next step.")
-    self.requested = True
+def restore_or_initialize(run: Run, ckpt: checkpointing.Checkpointer
+                          ) -> tuple[TrainState, dict[str, Any] | None]:
+  """The newest intact checkpoint of this run, else a fresh (or warm-started) state."""
+  config, replicated = run.config, NamedSharding(run.mesh, P())
+  input_shape = (1, config.image_size, config.image_size, run.info.channels)
+  init = lambda rng: create_train_state(run.model, run.tx, input_shape, rng)
+  abstract = jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      jax.eval_shape(init, jax.random.key(config.seed)))
+  restored = ckpt.restore(abstract, run.identity())
+  if restored is not None:
+    return restored
+  if config.eval_only:
+    raise errors.CheckpointError(
+        f"eval_only: no checkpoint in {ckpt.directory}. Train first, or point --workdir at a "
+        f"finished run.")
+  # XLA:CPU compiles the partitionable threefry ~10x slower; accelerators keep the default.
+  with jax.threefry_partitionable(jax.default_backend() != "cpu"):
+    state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  if config.init_from:
+    state = jax.device_put(warm_start(state, config.init_from, run.tx), replicated)
+  return state, None
 
-  def reached(self, step: int) -> bool:
-    """Whether every process should stop now (agreed across processes)."""
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      return self.requested or multihost_utils.reached_preemption_sync_point(step)
-    return self.requested
 
-  def restore(self) -> None:
-    """Reinstates the previous SIGTERM handler."""
-    signal.signal(signal.SIGTERM, self._previous)
+def evaluate(run: Run, state: TrainState,
+             eval_step: Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]
+             ) -> dict[str, float]:
+  """Loss, top-1 and top-5 accuracy over the whole eval split (padding masked out)."""
+  from train import input_pipeline  # pylint: disable=g-import-not-at-top
+  num_batches = input_pipeline.eval_batches_needed(run.info.num_eval, run.batches.local_eval)
+  totals = None
+  for batch in input_pipeline.eval_iterator(run.builder, run.config, run.info.channels,
+                                            run.batches.local_eval, num_batches):
+    sums = eval_step(state, global_batch(run.mesh, batch))
+    totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
+  totals = jax.tree_util.tree_map(lambda x: float(_host(x)), totals)
+  count = totals.pop("count")
+  return {"loss": totals["loss"] / count, "accuracy": totals["top1"] / count,
+          "top5_accuracy": totals["top5"] / count, "examples": count}
+
+
+def _summary(run: Run, state: TrainState, resumed: bool) -> list[tuple[str, Any]]:
+  c, info, b = run.config, run.info, run.batches
+  params = models.count_params(state.params)
+  overrides = ", ".join(f"{k}={v}" for k, v in dict(c.model_overrides).items())
+  schedule = (f"{c.lr_schedule}, lr {c.learning_rate:g}" +
+              (f" x{c.lr_decay:g} at steps {lr_boundaries(c, run.total_steps)}"
+               if c.lr_schedule == "piecewise" and c.lr_boundaries else "") +
+              (f", {int(c.warmup_epochs * run.steps_per_epoch)} warmup steps"
+               if c.warmup_epochs else ""))
+  devices = jax.device_count()
+  eval_note = (f" ({c.eval_batch_size} rounded up to {devices} devices; padding is masked)"
+               if b.eval != c.eval_batch_size else "")
+  return [
+      ("model", f"{c.model}" + (f" ({overrides})" if overrides else "") +
+       f", {params:,} parameters, {'bfloat16' if c.half_precision else 'float32'}"),
+      ("data", f"{c.dataset}: {info.num_train:,} train ({c.train_split}) / {info.num_eval:,} "
+               f"eval ({c.eval_split}), {info.num_classes} classes, augment={c.augment}"),
+      ("devices", f"{jax.process_count()} process(es) x {jax.local_device_count()} "
+                  f"{jax.default_backend()} device(s) = {devices}"),
+      ("batch", f"{b.train} global, {b.local_train} per process, {b.train // devices} per "
+                f"device; eval {b.eval}{eval_note}"),
+      ("steps", f"{run.steps_per_epoch} per epoch, {run.total_steps} in total"),
+      ("schedule", schedule),
+      ("workdir", f"{run.workdir}" + (" (resumed)" if resumed else "")),
+  ]
+
+
+def _schedule_change(run: Run, saved: dict[str, Any] | None, step: int) -> str | None:
+  if not saved or saved == json_round_trip(run.schedule()):
+    return None
+  new_lr, old = float(run.lr_fn(step)), saved
+  return (f"The learning-rate schedule differs from the one this checkpoint was trained with: "
+          f"total steps {old.get('total_steps')} -> {run.total_steps}, boundaries "
+          f"{old.get('boundaries')} -> {run.schedule()['boundaries']}, base lr "
+          f"{old.get('learning_rate')} -> {run.config.learning_rate}. The run continues on the "
+          f"schedule of the current config, as a fresh run with it would: lr {new_lr:.4g} from "
+          f"step {step}. Rerun with the original values to keep the original schedule.")
+
+
+def json_round_trip(value: Any) -> Any:
+  """`value` as it reads back from JSON (tuples become lists)."""
+  return json.loads(json.dumps(value))
 
 
 def _check_finite(metrics: dict[str, jax.Array], step: int, last_checkpoint: int | None) -> None:
   """Stops a diverged run before it logs or checkpoints a non-finite state."""
   loss, grad_norm = float(_host(metrics["loss"])), float(_host(metrics["grad_norm"]))
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-    raise FloatingPointError(
-        f"Training diverged at step {step}: loss={loss}, gradient norm={grad_norm}. The last "
-        f"checkpoint (step {last_checkpoint}) is kept; lower --config.learning_rate, add "
-        f"--config.warmup_epochs, or check the input normalisation, then rerun.")
+    raise errors.DivergedError(
+        f"Training diverged at step {step}: loss={loss}, gradient norm={grad_norm}; "
+        f"{checkpointing.newest_text(last_checkpoint)}. Lower --config.learning_rate, add "
+        f"--config.warmup_epochs, or check the input "
+        f"normalisation, then rerun.")
 
 
-def _resolve_workdir(workdir: str) -> epath.Path:
-  path = epath.Path(workdir)
-  if "://" not in workdir:
-    path = epath.Path(workdir).expanduser().resolve()  # orbax needs absolute paths
-  path.mkdir(parents=True, exist_ok=True)
-  return path
-
-
-def _check_batch_sizes(config: ml_collections.ConfigDict) -> None:
-  devices, processes = jax.device_count(), jax.process_count()
-  for field in ("batch_size", "eval_batch_size"):
-    value = config[field]
-    if value <= 0 or value % devices or value % processes:
-      raise ValueError(
-          f"config.{field}={value} must be a positive multiple of the device count "
-          f"({devices} devices over {processes} processes). Try --config.{field}="
-          f"{max(devices, value // devices * devices)}.")
-
-
-def train_and_evaluate(config: ml_collections.ConfigDict,
-                       workdir: str) -> tuple[TrainState, dict[str, float]]:
-  """Trains (or only evaluates, with config.eval_only); returns the state and eval metrics."""
-  _check_batch_sizes(config)
-  workdir_path = _resolve_workdir(workdir)
+def _acquire_lock(path: epath.Path) -> workdir_lib.Lock | None:
+  """Process 0 locks the workdir; every process learns whether it succeeded."""
+  lock, failure = None, None
   if jax.process_index() == 0:
-    (workdir_path / "config.json").write_text(config.to_json_best_effort(indent=2))
+    workdir_lib.create(path)
+    lock = workdir_lib.Lock(path)
+    try:
+      lock.acquire()
+    except errors.WorkdirError as e:
+      failure, lock = e, None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    ok = multihost_utils.broadcast_one_to_all(np.int32(failure is None))
+    if not ok and failure is None:
+      failure = errors.WorkdirError(f"Process 0 could not lock --workdir={path}; see its log.")
+  if failure is not None:
+    raise failure
+  return lock
 
-  builder = input_pipeline.get_builder(config)
-  info = input_pipeline.dataset_info(builder, config)
-  if config.augment != "imagenet" and info.image_size != (config.image_size,) * 2:
-    raise ValueError(
-        f"{config.dataset} images are {info.image_size}, but config.image_size="
-        f"{config.image_size}: set --config.image_size={info.image_size[0]}, or use "
-        f"--config.augment=imagenet to crop and resize.")
-  local_batch = config.batch_size // jax.process_count()
-  steps_per_epoch = info.num_train // config.batch_size
-  if steps_per_epoch == 0:
-    raise ValueError(f"config.batch_size={config.batch_size} exceeds the {info.num_train} "
-                     f"training examples of {config.dataset}:{config.train_split}.")
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * steps_per_epoch)
 
-  model = create_model(config, info.num_classes, info.channels)
-  lr_fn = learning_rate_fn(config, steps_per_epoch, total_steps)
-  tx = create_optimizer(config, lr_fn)
-  mesh = make_mesh()
-  replicated = NamedSharding(mesh, P())
-
-  def init(rng: jax.Array) -> TrainState:
-    shape = (1, config.image_size, config.image_size, info.channels)
-    variables = model.init(rng, jnp.zeros(shape, jnp.float32), train=False)
-    return TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                      batch_stats=variables["batch_stats"],
-                      opt_state=tx.init(variables["params"]))
-
-  abstract = jax.eval_shape(init, jax.random.key(config.seed))
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated), abstract)
-  ckpt = checkpointing.Checkpointer(workdir_path, config.checkpoint_every_steps,
-                                    config.keep_checkpoints, config.async_checkpoints)
-  restored = ckpt.restore(abstract)
-  if restored is not None:
-    state, meta = restored
-    logging.info("Resumed from step %d in %s.", int(_host(state.step)), ckpt.directory)
-    if meta.get("seed") != config.seed or meta.get("batch_size") != config.batch_size:
-      logging.warning("Checkpoint was written with seed=%s batch_size=%s; this run uses "
-                      "seed=%s batch_size=%s, so the data order differs from the original.",
-                      meta.get("seed"), meta.get("batch_size"), config.seed, config.batch_size)
-  elif config.eval_only:
-    raise checkpointing.CheckpointError(
-        f"eval_only: no checkpoint in {ckpt.directory}. Train first, or point --workdir at "
-        f"a finished run.")
-  else:
-    # XLA:CPU compiles non-partitionable threefry ~10x faster; the init stream is arbitrary.
-    with jax.threefry_partitionable(False):
-      state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
-    if config.init_from:
-      state = jax.device_put(warm_start(state, config.init_from, tx), replicated)
-
-  eval_step = make_eval_step(model, mesh)
-  local_eval_batch = config.eval_batch_size // jax.process_count()
-  eval_batches = input_pipeline.eval_batches_needed(info.num_eval, local_eval_batch)
-
-  def evaluate(state: TrainState) -> dict[str, float]:
-    totals = None
-    for batch in input_pipeline.eval_iterator(builder, config, info.channels,
-                                              local_eval_batch, eval_batches):
-      sums = eval_step(state, global_batch(mesh, batch))
-      totals = sums if totals is None else jax.tree_util.tree_map(jnp.add, totals, sums)
-    totals = jax.tree_util.tree_map(lambda x: float(_host(x)), totals)
-    count = totals.pop("count")
-    return {"loss": totals["loss"] / count, "accuracy": totals["top1"] / count,
-            "top5_accuracy": totals["top5"] / count, "examples": count}
-
-  reporter = Reporter(workdir_path, total_steps)
-  step = int(_host(state.step))
-  if config.eval_only:
-    metrics = evaluate(state)
-    reporter.write(step, "eval", metrics)
-    reporter.close()
-    return state, metrics
-
-  meta = {"seed": config.seed, "batch_size": config.batch_size, "dataset": config.dataset}
-  train_step = make_train_step(model, tx, config, mesh)
-  batches = input_pipeline.train_iterator(builder, config, local_batch, steps_per_epoch, step)
-  preemption = _Preemption()
-  history, window_start, window_steps = [], time.time(), 0
-  eval_metrics: dict[str, float] = {}
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
+                       preemption: preemption_lib.Preemption | None = None
+                       ) -> tuple[TrainState, dict[str, float]]:
+  """Trains (or only evaluates, with config.eval_only); returns the state and eval metrics."""
+  own_preemption = preemption is None
+  preemption = preemption or preemption_lib.Preemption()
+  path = workdir_lib.resolve(workdir)
+  lock = None
   try:
-    while step < total_steps:
-      state, metrics = train_step(state, global_batch(mesh, next(batches)))
-      step += 1
-      history.append(metrics)
-      window_steps += 1
-      if step % config.log_every_steps == 0 or ckpt.manager.should_save(step):
-        _check_finite(metrics, step, ckpt.latest_step())
-      if step % config.log_every_steps == 0 or step == total_steps:
-        scalars = {k: float(np.mean([_host(m[k]) for m in history])) for k in history[0]}
-        seconds = time.time() - window_start
-        scalars.update(learning_rate=float(lr_fn(step - 1)),
-                       images_per_second=window_steps * config.batch_size / seconds)
-        reporter.write(step, "train", scalars)
-        history, window_start, window_steps = [], time.time(), 0
-      epoch_done = step % steps_per_epoch == 0
-      if (epoch_done and (step // steps_per_epoch) % config.eval_every_epochs == 0
-          and step != total_steps):
-        reporter.write(step, "eval", evaluate(state))
-      if preemption.reached(step):
-        ckpt.save(step, state, meta, force=True)
-        logging.warning("Checkpointed step %d after SIGTERM; exiting.", step)
-        break
-      ckpt.save(step, state, meta)
-    else:
-      if ckpt.latest_step() != step:
-        ckpt.save(step, state, meta, force=True)
-      eval_metrics = evaluate(state)
-      reporter.write(step, "eval", eval_metrics)
+    run = prepare(config, path)
+    if not config.eval_only:  # evaluation reads a finished run, possibly on a read-only disk
+      lock = _acquire_lock(path)
+      if jax.process_index() == 0:
+        workdir_lib.write_config(path, config.to_json_best_effort(indent=2))
+    return _train_and_evaluate(run, preemption)
+  finally:
+    if lock is not None:
+      lock.release()
+    if own_preemption:
+      preemption.close()
+
+
+def _train_and_evaluate(run: Run, preemption: preemption_lib.Preemption
+                        ) -> tuple[TrainState, dict[str, float]]:
+  from train import input_pipeline, reporting  # pylint: disable=g-import-not-at-top
+  config = run.config
+  ckpt = checkpointing.Checkpointer(run.workdir, config.checkpoint_every_steps,
+                                    config.keep_checkpoints, config.async_checkpoints,
+                                    read_only=config.eval_only)
+  writable = not config.eval_only or _writable(run.workdir)
+  reporter = reporting.Reporter(run.workdir if writable else None, run.total_steps)
+  try:
+    state, meta = restore_or_initialize(run, ckpt)
+    step = int(_host(state.step))
+    reporter.message("densenet-jax\n" + reporting.summary_block(_summary(run, state, bool(meta))))
+    eval_step = make_eval_step(run.model, run.mesh)
+    if meta is not None:
+      if meta.get("seed") != config.seed or meta.get("batch_size") != config.batch_size:
+        reporter.message(
+            f"Warning: the checkpoint was written with seed={meta.get('seed')} batch_size="
+            f"{meta.get('batch_size')}; this run uses seed={config.seed} batch_size="
+            f"{config.batch_size}, so the data order differs from the original run.")
+      change = _schedule_change(run, meta.get("schedule"), step)
+      if change and step < run.total_steps and not config.eval_only:
+        reporter.message("Warning: " + change)
+    if config.eval_only or step >= run.total_steps:
+      reporter.message(f"Run already complete at step {step}; evaluating." if step >= run.total_steps
+                       else f"Evaluating the checkpoint of step {step} (eval_only).")
+      metrics = evaluate(run, state, eval_step)
+      reporter.write(step, "eval", metrics)
+      return state, metrics
+    if meta is not None:
+      reporter.message(f"Resumed from step {step} of {run.total_steps}.")
+    return _train_loop(run, state, step, ckpt, reporter, preemption, eval_step, input_pipeline)
   finally:
     ckpt.close()
     reporter.close()
-    preemption.restore()
-  return state, eval_metrics
+
+
+def _writable(path: epath.Path) -> bool:
+  try:
+    probe = path / f".write_probe_{jax.process_index()}"
+    probe.write_text("")
+    probe.unlink()
+    return True
+  except OSError:
+    return False
+
+
+def _train_loop(run: Run, state: TrainState, step: int, ckpt: checkpointing.Checkpointer,
+                reporter: reporting.Reporter, preemption: preemption_lib.Preemption,
+                eval_step: Callable[..., Any], input_pipeline: Any
+                ) -> tuple[TrainState, dict[str, float]]:
+  """Steps from `step` to the end (or a preemption), logging, evaluating and checkpointing."""
+  config, meta = run.config, run.meta()
+  batches = input_pipeline.train_iterator(run.builder, config, run.batches.local_train,
+                                          run.steps_per_epoch, step)
+  batch = global_batch(run.mesh, next(batches))
+  reporter.message("Compiling the train step (first time only)...")
+  start = time.time()
+  train_step = make_train_step(run.model, run.tx, config, run.mesh).lower(state, batch).compile()
+  reporter.message(f"Compiled in {time.time() - start:.1f} s.")
+  preemption.start_training()
+  reporter.start(step)
+  history, window_start, window_steps = [], time.time(), 0
+  while step < run.total_steps:
+    state, metrics = train_step(state, batch)
+    step += 1
+    history.append(metrics)
+    window_steps += 1
+    reporter.advance(step)
+    if step % config.log_every_steps == 0 or step == run.total_steps:
+      _check_finite(metrics, step, ckpt.latest_step())
+      scalars = {k: float(np.mean([_host(m[k]) for m in history])) for k in history[0]}
+      scalars.update(learning_rate=float(run.lr_fn(step - 1)),
+                     images_per_second=window_steps * config.batch_size /
+                     (time.time() - window_start))
+      reporter.write(step, "train", scalars)
+      history, window_start, window_steps = [], time.time(), 0
+    stop = preemption.reached(step)
+    if stop or ckpt.due(step) or step == run.total_steps:
+      ckpt.save(step, state, meta)
+    if stop:
+      reporter.message(f"Checkpointed step {step} after a preemption notice (SIGTERM); "
+                       f"rerun the same command to resume.")
+      logging.warning("Preempted: checkpointed step %d; exiting.", step)
+      return state, {}
+    if step < run.total_steps:
+      if step % run.steps_per_epoch == 0 and (
+          step // run.steps_per_epoch) % config.eval_every_epochs == 0:
+        reporter.write(step, "eval", evaluate(run, state, eval_step))
+      batch = global_batch(run.mesh, next(batches))
+  metrics = evaluate(run, state, eval_step)
+  reporter.write(step, "eval", metrics)
+  return state, metrics

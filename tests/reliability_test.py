@@ -1,0 +1,244 @@
+"""A run never loses, clobbers or poisons its state: each failure of the reliability issue, replayed."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from train import checkpointing, errors, train, workdir as workdir_lib
+from train_test import REPO, mock_cifar, read_metrics, saved_params, tiny_config  # noqa: F401
+
+
+def checkpoint_steps(workdir):
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
+def all_finite(tree):
+  return all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(np.asarray(x).dtype, np.inexact))
+
+
+def test_changed_config_is_refused_and_nothing_is_moved(tmp_path, mock_cifar):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
+  before = checkpoint_steps(workdir)
+  changed = tiny_config(tmp_path, num_train_steps=5)
+  changed.model_overrides = {"depth": 10, "growth_rate": 8}
+  with pytest.raises(errors.IncompatibleCheckpointError,
+                     match=r"(?s)differently configured.*model_overrides.*growth_rate.*4.*8.*"
+                           r"Nothing was changed.*new --workdir"):
+    train.train_and_evaluate(changed, str(workdir))
+  assert checkpoint_steps(workdir) == before == [2, 4]
+  assert not (workdir / "checkpoints_corrupt").exists()
+  # The original command still resumes where it stopped.
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=5), str(workdir))
+  assert [l["step"] for l in read_metrics(workdir) if l["kind"] == "train"][-2:] == [4, 5]
+
+
+def _save(directory, step, state, meta):
+  manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=True))
+  manager.save(step, args=ocp.args.Composite(
+      state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
+  manager.close()
+
+
+def test_content_that_differs_from_its_digest_is_quarantined(tmp_path, caplog):
+  good = {"w": jnp.arange(64, dtype=jnp.float32), "step": jnp.int32(3)}
+  flipped = {"w": good["w"].at[17].set(np.nextafter(np.float32(17), np.float32(99))),
+             "step": good["step"]}
+  record, _ = checkpointing.array_record(good)
+  identity = {"model": "m"}
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 5, asynchronous=False)
+  ckpt.save(1, good, {"identity": identity})
+  ckpt.close()
+  # Step 2's bytes differ from the digests recorded for it by one ulp of one element: what a
+  # flipped bit on disk that still decodes looks like.
+  _save(tmp_path / "checkpoints", 2, flipped, {"identity": identity, "arrays": record})
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 5, asynchronous=False)
+  state, meta = ckpt.restore(jax.eval_shape(lambda: good), identity)
+  ckpt.close()
+  assert "do not match their saved digests (e.g. ['w'])" in caplog.text
+  np.testing.assert_array_equal(state["w"], good["w"])
+  assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["2"]
+
+
+def test_flipped_bit_on_disk_falls_back_to_the_previous_step(tmp_path, mock_cifar, caplog):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
+  step2 = saved_params(workdir, 2)
+  files = [f for f in (workdir / "checkpoints" / "4" / "state").rglob("*")
+           if f.is_file() and "/d/" in str(f)]
+  largest = max(files, key=lambda f: f.stat().st_size)
+  data = bytearray(largest.read_bytes())
+  data[len(data) // 2] ^= 0x10
+  largest.write_bytes(bytes(data))
+  state, _ = train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4, eval_only=False),
+                                      str(workdir))
+  assert "Checkpoint step 4" in caplog.text and "is damaged" in caplog.text
+  assert [p.name.split(".")[0] for p in (workdir / "checkpoints_corrupt").iterdir()] == ["4"]
+  train_steps = [l["step"] for l in read_metrics(workdir) if l["kind"] == "train"]
+  assert train_steps[-2:] == [3, 4]  # resumed from step 2 and retrained 3..4
+  assert all_finite(step2)
+
+
+def test_a_workdir_whose_checkpoints_were_all_quarantined_does_not_start_over(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 5, asynchronous=False)
+  (tmp_path / "checkpoints_corrupt" / "4.1700000000").mkdir(parents=True)
+  with pytest.raises(errors.CheckpointError, match=r"No intact checkpoint.*new --workdir"):
+    ckpt.restore({"w": jax.ShapeDtypeStruct((2,), jnp.float32)}, {})
+  ckpt.close()
+
+
+def test_late_divergence_is_not_checkpointed_and_fails(tmp_path, mock_cifar):
+  workdir = tmp_path / "run"
+  # lr x1e12 from step 4 of 5: the final state is non-finite (or absurd) at the last step.
+  config = tiny_config(tmp_path, num_train_steps=5, lr_boundaries=(0.75,), lr_decay=1e12,
+                       log_every_steps=100)
+  with pytest.raises(errors.DivergedError,
+                     match=r"diverged.*newest checkpoint \(step (2|4)\) is finite"):
+    train.train_and_evaluate(config, str(workdir))
+  assert 5 not in checkpoint_steps(workdir)
+  for step in checkpoint_steps(workdir):
+    assert all_finite(saved_params(workdir, step)), step
+
+
+def test_nonfinite_state_is_never_saved(tmp_path):
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 5, asynchronous=False)
+  ckpt.save(1, {"w": jnp.ones(3)}, {})
+  with pytest.raises(errors.DivergedError, match=r"step 2 holds non-finite.*\['w'\].*step 1"):
+    ckpt.save(2, {"w": jnp.array([1.0, jnp.nan, 0.0])}, {})
+  ckpt.close()
+  assert checkpoint_steps(tmp_path) == [1]
+
+
+def _hold_lock(path):
+  code = ("import sys, time; from etils import epath; from train import workdir; "
+          "workdir.Lock(epath.Path(sys.argv[1])).acquire(); print('locked', flush=True); "
+          "time.sleep(600)")
+  holder = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO,
+                            stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert holder.stdout.readline().strip() == "locked"
+  return holder
+
+
+def test_second_run_on_a_workdir_fails_at_once_naming_the_holder(tmp_path, mock_cifar):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  holder = _hold_lock(workdir)
+  try:
+    start = time.time()
+    with pytest.raises(errors.WorkdirError,
+                       match=rf"in use by another run \(pid {holder.pid} on host .*started"):
+      train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
+    assert time.time() - start < 30  # before compiling anything
+    assert not (workdir / "config.json").exists() and not (workdir / "checkpoints").exists()
+  finally:
+    holder.kill()
+    holder.wait()
+
+
+def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
+  holder = _hold_lock(tmp_path)
+  holder.send_signal(signal.SIGKILL)
+  holder.wait()
+  lock = workdir_lib.Lock(tmp_path)
+  lock.acquire()
+  assert f"no longer alive (pid {holder.pid}" in caplog.text
+  assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+  lock.release()
+
+
+def test_each_launch_keeps_its_config_and_eval_only_writes_none(tmp_path, mock_cifar):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3), str(workdir))
+  history = sorted((workdir / "configs").iterdir())
+  assert len(history) == 2
+  assert [json.loads(p.read_text())["num_train_steps"] for p in history] == [2, 3]
+  latest = (workdir / "config.json").read_text()
+  assert json.loads(latest)["num_train_steps"] == 3
+  _, metrics = train.train_and_evaluate(
+      tiny_config(tmp_path, num_train_steps=3, eval_only=True, learning_rate=0.5), str(workdir))
+  assert metrics["examples"] == 40
+  assert (workdir / "config.json").read_text() == latest  # describes the run that trained
+  assert len(list((workdir / "configs").iterdir())) == 2
+
+
+def _cli(workdir, data_dir, *extra):
+  return [sys.executable, "-m", "train.main", "--config", "configs/digits_bc.py",
+          "--workdir", str(workdir), f"--config.data_dir={data_dir}",
+          "--config.model_overrides.depth=10", *extra]
+
+
+@pytest.mark.parametrize("flag", [
+    "--config.augment=bogus", "--config.num_epochs=0", "--config.num_epochs=-1",
+    "--config.learning_rate=-0.1", "--config.learning_rate=nan", "--config.keep_checkpoints=0",
+    "--config.log_every_steps=0", "--config.checkpoint_every_steps=0",
+    "--config.eval_every_epochs=0", "--config.model=densenet_bogus"])
+def test_cli_rejects_bad_values_in_one_line_before_writing(tmp_path, flag):
+  workdir = tmp_path / "run"
+  start = time.time()
+  result = subprocess.run(_cli(workdir, tmp_path / "tfds", flag), cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  field = flag.split("=")[0]
+  assert result.stderr.startswith("error: Invalid config:") and field in result.stderr
+  assert "Traceback" not in result.stderr
+  assert not workdir.exists()  # validated before anything was written
+  assert time.time() - start < 60  # no compile
+
+
+def test_cli_sigterm_during_start_up_says_so(tmp_path):
+  proc = subprocess.Popen(_cli(tmp_path / "run", tmp_path / "tfds"), cwd=REPO,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  assert proc.stdout.readline().startswith("Writing scikit-learn's")  # start-up, not training
+  proc.send_signal(signal.SIGTERM)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 143
+  assert err.startswith("error: SIGTERM during start-up") and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_cli_divergence_exits_nonzero_without_a_traceback(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(_cli(workdir, tmp_path / "tfds", "--config.learning_rate=1e6",
+                               "--config.checkpoint_every_steps=1",
+                               "--config.num_train_steps=30"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1
+  assert result.stderr.startswith("error: Training diverged") and "Traceback" not in result.stderr
+  for step in checkpoint_steps(workdir):
+    assert all_finite(saved_params(workdir, step)), step
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+  mount = tmp_path / "disk"
+  mount.mkdir()
+  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
+                    capture_output=True).returncode:
+    pytest.skip("cannot mount a tmpfs here (needs root)")
+  yield mount
+  subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_cli_full_disk_is_one_clear_message(tmp_path, small_disk):
+  result = subprocess.run(_cli(small_disk / "run", tmp_path / "tfds",
+                               "--config.checkpoint_every_steps=1", "--config.num_train_steps=40",
+                               "--config.keep_checkpoints=100"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr[-2000:]
+  assert result.stderr.startswith("error: The disk holding --workdir") and (
+      "Traceback" not in result.stderr), result.stderr[-2000:]
