@@ -9,7 +9,6 @@ import re
 from typing import Any, Callable, Mapping, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
@@ -23,8 +22,7 @@ T = TypeVar("T")
 
 def abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
   """The model's variables as flat '/'-paths -> shape/dtype, without allocating them."""
-  shape = models.native_input_shape(model)
-  tree = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros(shape), train=False))
+  tree = models.abstract_variables(model, models.native_input_shape(model))
   return traverse_util.flatten_dict(tree, sep="/")
 
 
