@@ -3,6 +3,7 @@
 import json
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -113,3 +114,49 @@ def test_dead_peer_stops_the_survivor_and_a_relaunch_resumes(tmp_path):
            if json.loads(l)["kind"] == "train"]
   assert steps[-3:] == [saved[-1] + 1, saved[-1] + 2, saved[-1] + 3]
   assert "Final test accuracy" in (tmp_path / "again0.log").read_text()
+
+
+def dump_params(npz):
+  data = dict(np.load(npz))
+  return {k: v for k, v in data.items() if k.startswith("[")}
+
+
+def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_exact(tmp_path):
+  workdir = tmp_path / "run"
+  # A constant lr: the runs below differ in length, and the schedule spans the whole run.
+  flags_ = lambda *a: flags(tmp_path, *a, "--config.lr_boundaries=()")
+  common = flags_(workdir, "--config.train_split=train[:640]",
+                 "--config.num_train_steps=200", "--config.checkpoint_every_steps=1000")
+  cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
+  procs = launch(cmd, 2, 2, tmp_path, "first")
+  metrics = workdir / "metrics.jsonl"
+  deadline = time.time() + 300
+  while time.time() < deadline and not (
+      metrics.exists() and metrics.read_text().count('"kind": "train"') >= 5):
+    time.sleep(0.2)
+  procs[1].send_signal(signal.SIGTERM)  # one host is preempted first, as on a pod
+  assert wait_all(procs, 200) == [0, 0], (tmp_path / "first0.log").read_text()[-3000:]
+  logs = [(tmp_path / f"first{i}.log").read_text() for i in range(2)]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 5 <= saved[0] < 200
+  stopped = saved[0]
+  assert f"Checkpointed step {stopped} after a preemption notice" in logs[0]
+  assert all(f"checkpointed step {stopped}" in log for log in logs)  # the same step on both
+  assert max(json.loads(l)["step"] for l in metrics.read_text().splitlines()) == stopped
+
+  final = stopped + 3
+  resume = lambda i, multi: [sys.executable, str(WORKER)] + flags_(
+      workdir, "--config.train_split=train[:640]",
+      f"--config.num_train_steps={final}") + multi + [str(tmp_path / f"resumed{i}.npz")]
+  assert wait_all(launch(resume, 2, 2, tmp_path, "again"), 400) == [0, 0], (
+      (tmp_path / "again0.log").read_text()[-3000:])
+  assert f"Resumed from step {stopped} of {final}" in (tmp_path / "again0.log").read_text()
+  straight = lambda i, multi: [sys.executable, str(WORKER)] + flags_(
+      tmp_path / "straight", "--config.train_split=train[:640]",
+      f"--config.num_train_steps={final}") + multi + [str(tmp_path / f"straight{i}.npz")]
+  assert wait_all(launch(straight, 2, 2, tmp_path, "straight"), 400) == [0, 0]
+  resumed, reference = dump_params(tmp_path / "resumed0.npz"), dump_params(
+      tmp_path / "straight0.npz")
+  assert resumed.keys() == reference.keys() and resumed
+  for k in resumed:
+    np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
