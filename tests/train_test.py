@@ -225,3 +225,50 @@ def test_fine_tuning_starts_from_pretrained_weights(tmp_path, mock_cifar):
   config.model_overrides = {"depth": 10, "growth_rate": 4}
   with pytest.raises(ValueError, match=r"init_from=.*densenet40 whose .* is"):
     train.train_and_evaluate(config, str(tmp_path / "other"))
+
+
+def test_step_builds_without_tensorflow_tfds_clu_or_ml_collections():
+  code = """
+import sys, types
+for name in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):
+  sys.modules[name] = None  # any import of them now fails
+import jax, numpy as np
+from train import train
+config = types.SimpleNamespace(seed=0, label_smoothing=0.0, weight_decay=1e-4, momentum=0.9,
+    nesterov=True, learning_rate=0.1, lr_schedule="piecewise", lr_boundaries=(0.5,),
+    lr_decay=0.1, warmup_epochs=0.0, model_overrides={"depth": 10, "growth_rate": 4},
+    init_from="", model="densenet_bc_100", half_precision=False, memory_efficient=False,
+    sync_batchnorm=False)
+model = train.create_model(config, num_classes=10, channels=3)
+tx = train.create_optimizer(config, train.learning_rate_fn(config, 10, 100))
+mesh = train.make_mesh()
+state = train.create_train_state(model, tx, (2, 16, 16, 3), jax.random.key(0))
+batch = train.global_batch(mesh, {"image": np.ones((2, 16, 16, 3), np.float32),
+                                  "label": np.array([1, 2])})
+state, metrics = train.make_train_step(model, tx, config, mesh)(state, batch)
+print("step", int(state.step), float(metrics["loss"]) > 0)
+"""
+  result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, PYTHONPATH=str(REPO)))
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.strip().endswith("step 1 True")
+
+
+def test_start_up_summary_and_resume_are_announced(tmp_path, mock_cifar, capsys):
+  workdir = tmp_path / "run"
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
+  out = capsys.readouterr().out
+  for line in ("model     densenet_bc_100 (depth=10, growth_rate=4), 2,666 parameters",
+               "data      cifar10: 40 train (train) / 40 eval (test), 10 classes",
+               "devices   1 process(es) x 1 cpu device(s) = 1",
+               "batch     8 global, 8 per process, 8 per device; eval 16",
+               "steps     5 per epoch, 2 in total", "Compiling the train step (first time only)",
+               "Compiled in "):
+    assert line in out, out
+  assert "Resumed" not in out
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
+  assert "Run already complete at step 2; evaluating." in capsys.readouterr().out
+  train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3), str(workdir))
+  out = capsys.readouterr().out
+  assert "Resumed from step 2 of 3." in out
+  assert "learning-rate schedule differs" in out and "total steps 2 -> 3" in out

@@ -25,7 +25,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from densenet_jax import imagenet
-from train import digits
+from train import digits, errors
 
 # TF must stay off accelerators (JAX owns them) and leave CPU cores to XLA.
 tf.config.set_visible_devices([], "GPU")
@@ -35,7 +35,7 @@ tf.config.set_visible_devices([], "GPU")
 JPEG_DCT = "INTEGER_ACCURATE"
 
 
-class DataMissingError(RuntimeError):
+class DataMissingError(errors.UserError, RuntimeError):
   """The dataset is not prepared and cannot be downloaded; the message says how to stage it."""
 
 

@@ -101,8 +101,6 @@ def _user_error(e: BaseException) -> str | None:
   """The message to show for an error the user can fix, else None (a bug: traceback)."""
   if isinstance(e, (errors.UserError, preemption.Preempted)):
     return str(e)
-  if type(e).__name__ == "DataMissingError":  # train.input_pipeline, which needs TF to import
-    return str(e)
   seen = e
   while seen is not None:  # orbax wraps I/O errors of its background writes
     if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or (
