@@ -1,6 +1,6 @@
-"""Shared helpers of the benchmark scripts: load average, machine facts, JSON and markdown rows.
+"""What every benchmark script shares: the load average, the machine, timing stats, JSON rows.
 
-Every measurement carries `os.getloadavg()` taken right before and after it: on a shared 2-core
+Every measurement carries `os.getloadavg()` from right before and after it: on a shared 2-core
 machine a 1-minute load average above ~1 means another process took CPU time from the run.
 """
 
@@ -11,13 +11,16 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
-from typing import Any, Iterable, Sequence
+from importlib import metadata
+from typing import Any, Sequence
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:  # `configs` lives at the repo root; scripts run as files or modules
+if REPO not in sys.path:  # `train` lives at the repo root; the scripts run as files
   sys.path.insert(0, REPO)
+
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "tensorflow-cpu", "tensorflow-datasets", "keras",
+            "torch", "torchvision", "numpy")
 
 
 def loadavg() -> list[float]:
@@ -25,90 +28,61 @@ def loadavg() -> list[float]:
   return [round(x, 2) for x in os.getloadavg()]
 
 
-def cpu_model() -> str:
-  """The CPU model name from /proc/cpuinfo (or platform.processor())."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or "unknown"
-
-
-def cpu_flags() -> set[str]:
-  """The CPU feature flags (empty off Linux)."""
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("flags"):
-          return set(line.split(":", 1)[1].split())
-  except OSError:
-    pass
-  return set()
+def now() -> str:
+  """The local time, ISO 8601 to the second."""
+  return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
 
 
 def machine() -> dict[str, Any]:
-  """What the numbers were measured on."""
-  flags = cpu_flags()
-  isa = [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16")
-         if f in flags]
-  try:
-    mem_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-  except (ValueError, OSError):
-    mem_gib = float("nan")
+  """What the numbers were measured on: CPU, cores, memory, installed versions."""
+  cpu, flags = platform.processor() or "unknown", set()
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        key, _, value = line.partition(":")
+        if key.strip() == "model name":
+          cpu = value.strip()
+        elif key.strip() == "flags":
+          flags = set(value.split())
+  versions = {}
+  for name in PACKAGES:
+    try:
+      versions[name] = metadata.version(name)
+    except metadata.PackageNotFoundError:
+      pass
   return {
-      "cpu": cpu_model(),
-      "cores": os.cpu_count(),
-      "isa": isa,
-      "memory_gib": round(mem_gib, 1),
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+      "cpu": cpu, "cores": os.cpu_count(),
+      "isa": [f for f in ("avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16") if f in flags],
+      "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+      "platform": platform.platform(), "versions": versions,
   }
 
 
-def versions(names: Iterable[str] = ("jax", "jaxlib", "flax", "optax", "tensorflow",
-                                     "tensorflow_datasets", "keras", "torch", "torchvision",
-                                     "numpy")) -> dict[str, str]:
-  """Installed versions of the packages that matter here (absent ones left out)."""
-  from importlib import metadata  # pylint: disable=g-import-not-at-top
-  dist = {"tensorflow": ("tensorflow-cpu", "tensorflow"),
-          "tensorflow_datasets": ("tensorflow-datasets",)}
-  out = {}
-  for name in names:
-    for d in dist.get(name, (name,)):
-      try:
-        out[name] = metadata.version(d)
-        break
-      except metadata.PackageNotFoundError:
-        continue
-  return out
+def fast_cpu_init() -> None:
+  """Non-partitionable threefry: XLA:CPU compiles the initialiser ~10x faster (same shapes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  jax.config.update("jax_threefry_partitionable", False)
 
 
-def git_commit() -> str:
-  """The repo's HEAD commit (short), or '' outside git."""
-  try:
-    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO,
-                          capture_output=True, text=True, check=True).stdout.strip()
-  except (OSError, subprocess.CalledProcessError):
-    return ""
-
-
-def summarize_times(seconds: Sequence[float]) -> dict[str, float]:
-  """Median, min and mean of per-step wall times (seconds)."""
-  return {
-      "median_s": statistics.median(seconds),
-      "min_s": min(seconds),
-      "mean_s": statistics.fmean(seconds),
-      "stdev_s": statistics.pstdev(seconds) if len(seconds) > 1 else 0.0,
-  }
+def timing(seconds: Sequence[float], batch: int) -> dict[str, float]:
+  """Median and best step time (ms) and the images/s they give."""
+  median, best = statistics.median(seconds), min(seconds)
+  return {"step_ms": round(1e3 * median, 2), "step_ms_min": round(1e3 * best, 2),
+          "img_per_s": round(batch / median, 2), "img_per_s_best": round(batch / best, 2)}
 
 
 def emit(row: dict[str, Any]) -> None:
   """Prints one JSON line (the machine-readable result)."""
-  print(json.dumps(row, sort_keys=False), flush=True)
+  print(json.dumps(row), flush=True)
+
+
+def fmt(v: Any) -> str:
+  """A table cell: 3 significant digits, thousands separators, lists space-separated."""
+  if isinstance(v, float):
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:.1f}" if abs(v) >= 10 else f"{v:.3g}"
+  if isinstance(v, (list, tuple)):
+    return " ".join(fmt(x) for x in v)
+  return str(v)
 
 
 def append_markdown(path: str | None, columns: Sequence[str], row: dict[str, Any]) -> None:
@@ -118,18 +92,5 @@ def append_markdown(path: str | None, columns: Sequence[str], row: dict[str, Any
   new = not os.path.exists(path) or os.path.getsize(path) == 0
   with open(path, "a") as f:
     if new:
-      f.write("| " + " | ".join(columns) + " |\n")
-      f.write("|" + "---|" * len(columns) + "\n")
-    f.write("| " + " | ".join(_fmt(row.get(c, "")) for c in columns) + " |\n")
-
-
-def _fmt(v: Any) -> str:
-  if isinstance(v, float):
-    if abs(v) >= 100:
-      return f"{v:,.0f}"
-    if abs(v) >= 10:
-      return f"{v:.1f}"
-    return f"{v:.3g}"
-  if isinstance(v, (list, tuple)):
-    return " ".join(_fmt(x) for x in v)
-  return str(v)
+      f.write("| " + " | ".join(columns) + " |\n|" + "---|" * len(columns) + "\n")
+    f.write("| " + " | ".join(fmt(row.get(c, "")) for c in columns) + " |\n")

@@ -24,13 +24,9 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-COLUMNS = ("peer", "model", "batch", "mode", "compile_s", "step_ms", "img_per_s",
-           "img_per_s_best", "load_before", "load_after")
-
 
 def _child(batch: int, steps: int, warmup: int, image: int) -> dict[str, Any]:
-  import jax  # pylint: disable=g-import-not-at-top
-  jax.config.update("jax_threefry_partitionable", False)
+  _common.fast_cpu_init()
   import keras  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   assert keras.backend.backend() == "jax", keras.backend.backend()
@@ -56,15 +52,11 @@ def _child(batch: int, steps: int, warmup: int, image: int) -> dict[str, Any]:
     float(np.asarray(loss))
     if i >= warmup:
       times.append(time.perf_counter() - t0)
-  stats = _common.summarize_times(times)
   return {
       "bench": "peer", "peer": "keras", "keras": keras.__version__, "backend": "jax",
       "model": "densenet121", "params": params, "batch": batch, "image": image,
-      "mode": "keras_jax_jit", "compile_s": round(compile_s, 2), "steps": steps,
-      "step_ms": round(1e3 * stats["median_s"], 2),
-      "step_ms_min": round(1e3 * stats["min_s"], 2),
-      "img_per_s": round(batch / stats["median_s"], 2),
-      "img_per_s_best": round(batch / stats["min_s"], 2),
+      "mode": "keras_jax_jit", "first_step_s": round(compile_s, 2), "steps": steps,
+      **_common.timing(times, batch),
       "load_before": load_before, "load_after": _common.loadavg(),
   }
 
@@ -83,6 +75,7 @@ def measure(batch: int, steps: int, warmup: int, image: int = 224,
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Measures the Keras peer and prints its JSON row."""
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--batch", type=int, default=8)
@@ -90,13 +83,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--image", type=int, default=224)
   p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-  p.add_argument("--markdown", default=None)
   args = p.parse_args(argv)
   if args.child:
     row = _child(args.batch, args.steps, args.warmup, args.image)
   else:
     row = measure(args.batch, args.steps, args.warmup, args.image)
-    _common.append_markdown(args.markdown, COLUMNS, row)
   _common.emit(row)
   return row
 

@@ -27,12 +27,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 MODES = ("eager_nchw", "eager_channels_last", "compile_nchw", "compile_channels_last")
-COLUMNS = ("peer", "model", "batch", "mode", "memory_efficient", "compile_s", "step_ms",
-           "img_per_s", "img_per_s_best", "load_before", "load_after")
 BC100_PARAMS = 769_162
 
 
 def build(model: str, memory_efficient: bool):
+  """(net, image size, classes, parameter count) of a torchvision-style DenseNet."""
   import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
@@ -54,6 +53,7 @@ def build(model: str, memory_efficient: bool):
 
 def measure(model: str, batch: int, mode: str, steps: int, warmup: int, threads: int,
             memory_efficient: bool = False) -> dict[str, Any]:
+  """Times `steps` SGD steps of the torch peer after `warmup` untimed ones."""
   import torch  # pylint: disable=g-import-not-at-top
   import torch.nn.functional as F  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(threads)
@@ -74,7 +74,6 @@ def measure(model: str, batch: int, mode: str, steps: int, warmup: int, threads:
     opt.step()
     return loss
 
-  compile_s = 0.0
   if mode.startswith("compile"):
     step = torch.compile(step)
   load_before = _common.loadavg()
@@ -88,23 +87,17 @@ def measure(model: str, batch: int, mode: str, steps: int, warmup: int, threads:
     float(loss.detach())
     if i >= warmup:
       times.append(time.perf_counter() - t0)
-  stats = _common.summarize_times(times)
   return {
       "bench": "peer", "peer": "torch", "torch": torch.__version__, "model": model,
       "params": params, "batch": batch, "image": size, "mode": mode,
       "memory_efficient": memory_efficient, "threads": threads,
-      "compile_s": round(compile_s, 2) if mode.startswith("compile") else 0.0,
-      "first_step_s": round(compile_s, 2), "steps": steps,
-      "step_ms": round(1e3 * stats["median_s"], 2),
-      "step_ms_min": round(1e3 * stats["min_s"], 2),
-      "img_per_s": round(batch / stats["median_s"], 2),
-      "img_per_s_best": round(batch / stats["min_s"], 2),
-      "loss": round(float(loss), 4),
-      "load_before": load_before, "load_after": _common.loadavg(),
+      "first_step_s": round(compile_s, 2), "steps": steps, **_common.timing(times, batch),
+      "loss": round(float(loss), 4), "load_before": load_before, "load_after": _common.loadavg(),
   }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+  """Measures one peer configuration and prints its JSON row."""
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", choices=("bc100", "densenet121"), default="bc100")
@@ -115,12 +108,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--steps", type=int, default=10)
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--threads", type=int, default=2)
-  p.add_argument("--markdown", default=None)
   args = p.parse_args(argv)
   row = measure(args.model, args.batch, args.mode, args.steps, args.warmup, args.threads,
                 args.memory_efficient)
   _common.emit(row)
-  _common.append_markdown(args.markdown, COLUMNS, row)
   return row
 
 

@@ -82,6 +82,12 @@ class Conv(nn.Conv):
                                precision=self.precision)
 
 
+def _module_class(module: ModuleDef) -> type:
+  while isinstance(module, functools.partial):
+    module = module.func
+  return module
+
+
 def batch_moments(x: Array) -> Array:
   """Per-channel batch (mean, mean of squares) of NHWC `x`, float32, shape (2, C)."""
   x = x.astype(jnp.promote_types(x.dtype, jnp.float32))
@@ -103,9 +109,10 @@ class DenseFeatures:
   moments: tuple[Array, ...] | None  # one (2, C_i) per map; None when nothing reads them
 
   @classmethod
-  def start(cls, x: Array, with_moments: bool) -> DenseFeatures:
-    """The block input as the first map."""
-    return cls((x,), (batch_moments(x),) if with_moments else None)
+  def start(cls, x: Array, norm: ModuleDef, train: bool) -> DenseFeatures:
+    """The block input as the first map; moments are kept when training with a `BatchNorm`."""
+    shared = train and issubclass(_module_class(norm), BatchNorm)
+    return cls((x,), (batch_moments(x),) if shared else None)
 
   def append(self, y: Array) -> DenseFeatures:
     """These maps followed by `y` (and its moments, if moments are kept)."""
@@ -145,21 +152,12 @@ class BatchNorm(nn.BatchNorm):
     if not self.is_initializing():
       ra_mean.value = self.momentum * ra_mean.value + (1 - self.momentum) * mean
       ra_var.value = self.momentum * ra_var.value + (1 - self.momentum) * var
-    mul = jax.lax.rsqrt(var + self.epsilon)
-    if self.use_scale:
-      mul = mul * self.param("scale", self.scale_init, (c,), self.param_dtype)
-    shift = -mean * mul
-    if self.use_bias:
-      shift = shift + self.param("bias", self.bias_init, (c,), self.param_dtype)
+    scale = self.param("scale", self.scale_init, (c,), self.param_dtype) if self.use_scale else 1
+    bias = self.param("bias", self.bias_init, (c,), self.param_dtype) if self.use_bias else 0
+    mul = jax.lax.rsqrt(var + self.epsilon) * scale
     # x * mul + shift rather than (x - mean) * mul: autodiff then keeps x, which the
     # concatenation holds anyway, instead of a centred copy per layer.
-    return jnp.asarray(x * mul + shift, self.dtype)
-
-
-def _module_class(module: ModuleDef) -> type:
-  while isinstance(module, functools.partial):
-    module = module.func
-  return module
+    return jnp.asarray(x * mul + (bias - mean * mul), self.dtype)
 
 
 def _fields(module: ModuleDef) -> set[str]:
@@ -230,8 +228,7 @@ class DenseBlock(nn.Module):
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Maps m0 channels to m0 + num_layers * growth_rate channels."""
-    shares_moments = train and issubclass(_module_class(self.norm), BatchNorm)
-    features = DenseFeatures.start(x, with_moments=shares_moments)
+    features = DenseFeatures.start(x, self.norm, train)
     for i in range(self.num_layers):
       # The barrier's transpose is a barrier on the gradients: each map's gradient is then
       # accumulated layer by layer. Without it, XLA sums it over all later layers in one

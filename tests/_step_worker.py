@@ -4,7 +4,6 @@ XLA_FLAGS); tests compare runs with different device counts."""
 import sys
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
@@ -13,7 +12,6 @@ from train import train
 
 
 def main(out_path: str) -> None:
-  jax.config.update("jax_threefry_partitionable", False)
   config = default.get_config()
   config.model_overrides = {"depth": 10, "growth_rate": 4}
   config.sync_batchnorm = True
@@ -21,11 +19,8 @@ def main(out_path: str) -> None:
   model = train.create_model(config, num_classes=10, channels=3)
   tx = train.create_optimizer(config, train.learning_rate_fn(config, 10, 100))
   mesh = train.make_mesh()
-  variables = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
-  state = train.TrainState(step=jnp.zeros((), jnp.int32), params=variables["params"],
-                           batch_stats=variables["batch_stats"],
-                           opt_state=tx.init(variables["params"]))
-  state = jax.device_put(state, NamedSharding(mesh, P()))
+  state = jax.jit(lambda rng: train.create_train_state(model, tx, (16, 16, 16, 3), rng),
+                  out_shardings=NamedSharding(mesh, P()))(jax.random.key(0))
   step = train.make_train_step(model, tx, config, mesh)
   rng = np.random.default_rng(0)
   for _ in range(2):
