@@ -23,7 +23,7 @@ from etils import epath
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from densenet_jax import models, pretrained
+from densenet_jax import losses, models, pretrained
 from train import checkpointing, errors, preemption as preemption_lib, validation, workdir as workdir_lib
 
 if TYPE_CHECKING:
@@ -133,12 +133,6 @@ def make_mesh() -> Mesh:
               axis_types=(jax.sharding.AxisType.Auto,))
 
 
-def _cross_entropy(logits: jax.Array, labels: jax.Array, num_classes: int,
-                   smoothing: float) -> jax.Array:
-  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), smoothing)
-  return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
-
-
 def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
                     config: ml_collections.ConfigDict, mesh: Mesh
                     ) -> Callable[[TrainState, dict[str, jax.Array]],
@@ -154,8 +148,7 @@ def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
       logits, new_vars = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": key})
-      loss = _cross_entropy(logits, batch["label"], model.num_classes,
-                            config.label_smoothing).mean()
+      loss = losses.cross_entropy(logits, batch["label"], config.label_smoothing).mean()
       # pmean inside the differentiated function: with check_vma, grad w.r.t. replicated
       # params then equals the global-batch mean gradient (a pmean of grads would not).
       return jax.lax.pmean(loss, AXIS), (logits, new_vars["batch_stats"])
@@ -184,7 +177,7 @@ def make_eval_step(model: models.DenseNet, mesh: Mesh
                          batch["image"], train=False).astype(jnp.float32)
     mask = batch["mask"]
     labels = batch["label"]
-    loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    loss = losses.cross_entropy(logits, labels)
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
     sums = {
         "loss": jnp.sum(loss * mask),
