@@ -1,10 +1,11 @@
 """Fine-tune ImageNet-pretrained DenseNet-121 weights on another tfds image dataset (Imagenette).
 
-Convert published weights first, then point `init_from` at the result:
+`init_from` names published weights (downloaded once, hash-verified, cached; see README
+"Pretrained ImageNet weights") or points at a `python -m densenet_jax.convert` output:
 
-    python -m densenet_jax.convert --from torchvision --model densenet121 densenet121.pth dn121.npz
+    python -m train.main --config configs/finetune_densenet121.py --workdir /tmp/ft
     python -m train.main --config configs/finetune_densenet121.py --workdir /tmp/ft \\
-        --config.init_from=dn121.npz
+        --config.init_from=keras/densenet121   # or a path: --config.init_from=dn121.npz
 
 The classifier is re-initialised when the dataset's class count differs from the checkpoint's.
 
@@ -19,7 +20,7 @@ def get_config():
   """Imagenette at 224x224, 10 epochs, cosine lr from 0.01 after one warmup epoch."""
   c = default.get_config()
   c.model = "densenet121"
-  c.init_from = ""  # required: a `python -m densenet_jax.convert` output
+  c.init_from = "densenet121"  # torchvision's weights, torch-free through timm's .safetensors
   c.dataset = "imagenette/320px-v2"
   c.train_split = "train"
   c.eval_split = "validation"

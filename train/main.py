@@ -20,6 +20,7 @@ from ml_collections import config_flags
 
 import jax
 
+from densenet_jax import pretrained
 from train import distributed, errors, preemption, train
 
 FLAGS = flags.FLAGS
@@ -99,7 +100,7 @@ def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
 
 def _user_error(e: BaseException) -> str | None:
   """The message to show for an error the user can fix, else None (a bug: traceback)."""
-  if isinstance(e, (errors.UserError, preemption.Preempted)):
+  if isinstance(e, (errors.UserError, preemption.Preempted, pretrained.WeightsError)):
     return str(e)
   seen = e
   while seen is not None:  # orbax wraps I/O errors of its background writes
