@@ -9,6 +9,7 @@ code 1; --verbosity=1 (or DENSENET_JAX_TRACEBACK=1) adds the traceback.
 
 import contextlib
 import errno
+import logging as stdlib_logging
 import os
 import re
 import sys
@@ -76,12 +77,30 @@ def describe_config(config) -> str:
   return "\n".join(lines)
 
 
+class _HideOrbaxTracebacks(stdlib_logging.Filter):
+  """Drops orbax's logged tracebacks of failed background writes: the error reaches `main`."""
+
+  def filter(self, record: stdlib_logging.LogRecord) -> bool:
+    return not (record.levelno >= stdlib_logging.ERROR and "/orbax/" in record.pathname)
+
+
+def _hide_closed_loop_noise(exc_type, exc, tb) -> None:
+  """After a failed background checkpoint write, tensorstore's callbacks can keep reporting
+  'Event loop is closed' from other threads once orbax has torn its loop down; the write's own
+  error reaches `main`, so these are dropped. Everything else prints as usual."""
+  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
+    return
+  sys.__excepthook__(exc_type, exc, tb)
+
+
 def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
   """Joins the distributed runtime if needed, then trains and evaluates."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
+    logging.get_absl_handler().addFilter(_HideOrbaxTracebacks())
+    sys.excepthook = _hide_closed_loop_noise
   if FLAGS.workdir is None:
     raise errors.ConfigError("--workdir is required (a directory for checkpoints and metrics), "
                              "e.g. --workdir=/tmp/run.")
