@@ -28,6 +28,7 @@ def all_finite(tree):
              if np.issubdtype(np.asarray(x).dtype, np.inexact))
 
 
+@pytest.mark.slow
 def test_changed_config_is_refused_and_nothing_is_moved(tmp_path, mock_cifar):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
@@ -72,6 +73,7 @@ def test_content_that_differs_from_its_digest_is_quarantined(tmp_path, caplog):
   assert [p.name.split(".")[0] for p in (tmp_path / "checkpoints_corrupt").iterdir()] == ["2"]
 
 
+@pytest.mark.slow
 def test_flipped_bit_on_disk_falls_back_to_the_previous_step(tmp_path, mock_cifar, caplog):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
@@ -102,6 +104,7 @@ def test_a_workdir_whose_checkpoints_were_all_quarantined_does_not_start_over(tm
   ckpt.close()
 
 
+@pytest.mark.slow
 def test_late_divergence_is_not_checkpointed_and_fails(tmp_path, mock_cifar):
   workdir = tmp_path / "run"
   # lr x1e12 from step 4 of 5: the final state is non-finite (or absurd) at the last step.
@@ -162,6 +165,7 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
   lock.release()
 
 
+@pytest.mark.slow
 def test_each_launch_keeps_its_config_and_eval_only_writes_none(tmp_path, mock_cifar):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
@@ -184,6 +188,7 @@ def _cli(workdir, data_dir, *extra):
           "--config.model_overrides.depth=10", *extra]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flag", [
     "--config.augment=bogus", "--config.num_epochs=0", "--config.num_epochs=-1",
     "--config.learning_rate=-0.1", "--config.learning_rate=nan", "--config.keep_checkpoints=0",

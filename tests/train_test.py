@@ -76,6 +76,7 @@ def test_train_on_mock_cifar_writes_metrics_checkpoints_and_config(tmp_path, moc
   assert list((workdir / "tensorboard").iterdir())
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(tmp_path, mock_cifar):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=7), str(straight))
@@ -90,6 +91,7 @@ def test_resume_is_bit_exact(tmp_path, mock_cifar):
   assert straight_losses == resumed_losses
 
 
+@pytest.mark.slow
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mock_cifar, caplog):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
@@ -124,6 +126,7 @@ def test_wrong_image_size_is_refused_before_training(tmp_path, mock_cifar):
     train.train_and_evaluate(tiny_config(tmp_path, image_size=16), str(tmp_path / "w"))
 
 
+@pytest.mark.slow
 def test_divergence_stops_before_checkpointing_garbage(tmp_path, mock_cifar):
   workdir = tmp_path / "run"
   with pytest.raises(FloatingPointError,
@@ -227,6 +230,7 @@ def test_fine_tuning_starts_from_pretrained_weights(tmp_path, mock_cifar):
     train.train_and_evaluate(config, str(tmp_path / "other"))
 
 
+@pytest.mark.slow
 def test_step_builds_without_tensorflow_tfds_clu_or_ml_collections():
   code = """
 import sys, types
@@ -254,6 +258,7 @@ print("step", int(state.step), float(metrics["loss"]) > 0)
   assert result.stdout.strip().endswith("step 1 True")
 
 
+@pytest.mark.slow
 def test_start_up_summary_and_resume_are_announced(tmp_path, mock_cifar, capsys):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
