@@ -70,7 +70,8 @@ def render(results: str) -> str:
       "## Peers", "",
       "Same batch, float32 and optimiser, train-mode BN, 2 threads. torch: torchvision DenseNet "
       "blocks (BC-100 with densenet_jax's CIFAR stem, 769,162 parameters); Keras 3 "
-      "`keras.applications.DenseNet121(weights=None)` on the JAX backend.", "",
+      "`keras.applications.DenseNet121(weights=None)` on the JAX backend. ours/peer divides "
+      "our float32 train-step row above by the peer's; compare their `measured` times.", "",
   ]
 
   def ours_over(peer: dict, efficient: bool) -> Any:
