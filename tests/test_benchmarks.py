@@ -34,6 +34,7 @@ def test_train_step_runs_where_only_jax_flax_optax_exist():
   assert row["temp_mib"] > 0 and row["loss"] == row["loss"]  # finite, not NaN
 
 
+@pytest.mark.slow
 def test_memory_sweep_and_render(tmp_path, capsys):
   rows = memory.main(["--models", "", "--depths", "10,16,22", "--sweep-batch", "1"])
   capsys.readouterr()

@@ -80,6 +80,7 @@ def test_registry_lists_every_paper_preset():
     models.get_model("resnet50")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", models.list_models())
 def test_output_shapes_every_preset(name):
   model = models.get_model(name)
@@ -126,6 +127,7 @@ def test_block_output_concatenates_its_input():
   assert stages["block3"].shape[1:3] == (4, 4)
 
 
+@pytest.mark.slow
 class JitTest(chex.TestCase):
 
   @chex.variants(with_jit=True, without_jit=True)
@@ -162,6 +164,7 @@ def test_batchnorm_statistics_update_only_in_training():
       0.1 * batch_mean, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training():
   model = tiny(drop_rate=0.2)
   x = images((2, 8, 8, 3))
@@ -174,6 +177,7 @@ def test_dropout_only_in_training():
   assert not np.allclose(a, no_dropout)
 
 
+@pytest.mark.slow
 def test_bfloat16_compute_keeps_float32_params_and_stats():
   model = tiny(dtype=jnp.bfloat16)
   x = images((2, 8, 8, 3))
@@ -202,6 +206,7 @@ def test_initialisation_follows_torchvision():
   assert model.bn_epsilon == 1e-5 and model.bn_momentum == 0.9
 
 
+@pytest.mark.slow
 def test_memory_efficient_matches_default_outputs_and_gradients():
   x = images((8, 16, 16, 3))
   default, efficient = tiny(drop_rate=0.0), tiny(memory_efficient=True)
@@ -218,6 +223,7 @@ def test_memory_efficient_matches_default_outputs_and_gradients():
   assert float(jnp.abs(jax.tree_util.tree_leaves(g0)[0]).sum()) > 0
 
 
+@pytest.mark.slow
 def test_memory_efficient_lowers_compiled_temp_memory():
   shape = (16, 32, 32, 3)
   default = summary.train_step_temp_bytes(models.densenet_cifar(58, 12), shape)
@@ -226,6 +232,7 @@ def test_memory_efficient_lowers_compiled_temp_memory():
   assert efficient < 0.75 * default, (efficient, default)
 
 
+@pytest.mark.slow
 def test_bn_axis_name_gives_cross_replica_statistics():
   x = images((8, 16, 16, 3))
   model = tiny()
@@ -290,6 +297,7 @@ def test_summary_counts_paper_macs():
   assert "| densenet40 | 40 | 12 | 32x32 | 1,019,722 | 0.265 |" in summary.markdown(rows)
 
 
+@pytest.mark.slow
 def test_forward_mode_autodiff_agrees_with_reverse_mode():
   model = tiny(depth=10)
   x = images((4, 8, 8, 3))
@@ -337,6 +345,7 @@ def test_default_batch_norm_reduces_each_map_once_per_block():
   assert shared < 0.75 * plain, (shared, plain)
 
 
+@pytest.mark.slow
 def test_group_norm_replaces_batch_norm_everywhere():
   model = tiny(depth=10, norm=functools.partial(nn.GroupNorm, num_groups=1))
   x = images((4, 8, 8, 3))

@@ -162,6 +162,7 @@ def keras_files(tmp_path_factory) -> pathlib.Path:
 
 # ------------------------------------------------------------------------------- Keras
 
+@pytest.mark.slow
 def test_keras_densenet121_matches_keras_logits_and_features(keras_files):
   model, variables = pretrained.from_keras(keras_files / "keras121.weights.h5", "densenet121")
   assert model.bn_epsilon == 1.001e-5 and model.num_classes == 1000
@@ -176,6 +177,7 @@ def test_keras_densenet121_matches_keras_logits_and_features(keras_files):
   assert np.abs(ref["logits"]).max() > 0.1  # large enough for the tolerance to mean something
 
 
+@pytest.mark.slow
 def test_keras_legacy_h5_archive_and_unnamed_keras3_layout_give_the_same_variables(
     keras_files, tmp_path):
   _, from_v3 = pretrained.from_keras(keras_files / "keras121.weights.h5", "densenet121")
@@ -197,6 +199,7 @@ def test_keras_legacy_h5_archive_and_unnamed_keras3_layout_give_the_same_variabl
   assert headless.num_classes == 0 and "classifier" not in v["params"]
 
 
+@pytest.mark.slow
 def test_keras_weights_into_the_wrong_model_name_the_keys(keras_files):
   with pytest.raises(ValueError) as e:
     pretrained.from_keras(keras_files / "keras121.weights.h5", "densenet169")
@@ -206,6 +209,7 @@ def test_keras_weights_into_the_wrong_model_name_the_keys(keras_files):
   assert "expects (1280,)" in msg and "looks like densenet121" in msg
 
 
+@pytest.mark.slow
 def test_convert_cli_keras_records_epsilon_and_load_rebuilds(keras_files, tmp_path):
   out = tmp_path / "k121.npz"
   proc = run_module("densenet_jax.convert", "--from", "keras", "--model", "densenet121",

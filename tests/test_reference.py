@@ -59,7 +59,8 @@ def _randomised_variables(model, x):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-@pytest.mark.parametrize("case", [*CASES, *IMAGENET])
+@pytest.mark.parametrize("case", ["bc", *(pytest.param(c, marks=pytest.mark.slow)
+                                          for c in [*CASES, *IMAGENET] if c != "bc")])
 def test_library_equals_textbook_densenet(case):
   model, x = _models(case)
   reference = ReferenceDenseNet(model)
@@ -90,6 +91,7 @@ def test_library_equals_textbook_densenet(case):
   np.testing.assert_allclose(lib_eval, ref_eval, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_library_equals_textbook_densenet_in_bfloat16():
   model, x = _models("bc")
   model = model.clone(dtype=jnp.bfloat16)
@@ -106,6 +108,7 @@ def test_library_equals_textbook_densenet_in_bfloat16():
   chex.assert_trees_all_close(lib_state, nest(ref_state), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.slow
 def test_library_equals_textbook_densenet_with_synced_batchnorm():
   model, x = _models("bc_memory_efficient")
   model = model.clone(bn_axis_name="replica")
