@@ -32,7 +32,6 @@ BC100_PARAMS = 769_162
 
 def build(model: str, memory_efficient: bool):
   """(net, image size, classes, parameter count) of a torchvision-style DenseNet."""
-  import torch  # pylint: disable=g-import-not-at-top
   from torch import nn  # pylint: disable=g-import-not-at-top
   import torchvision  # pylint: disable=g-import-not-at-top
   from torchvision.models import densenet  # pylint: disable=g-import-not-at-top
