@@ -16,7 +16,7 @@ def get_config():
   c.dataset = "sklearn_digits"
   c.data_dir = "~/tensorflow_datasets"
   c.download = False
-  c.model = "densenet_bc_100"
+  c.model = "densenet_bc"  # any depth; L=40 here
   c.model_overrides = {"depth": 40, "growth_rate": 12, "num_classes": 10, "in_channels": 1}
   c.image_size = 8
   c.augment = "none"

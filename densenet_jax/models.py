@@ -539,6 +539,12 @@ def densenet_bc_190(**kwargs: Any) -> DenseNet:
 
 
 @register
+def densenet_bc(**kwargs: Any) -> DenseNet:
+  """DenseNet-BC of any depth L ((L-4)/6 layers per block) and growth rate k; 100 and 12 by default."""
+  return densenet_cifar(**(dict(depth=100, growth_rate=12) | kwargs))
+
+
+@register
 def densenet121(**kwargs: Any) -> DenseNet:
   """DenseNet-121 (k=32), 7,978,856 parameters."""
   return densenet_imagenet(**(dict(block_config=(6, 12, 24, 16)) | kwargs))

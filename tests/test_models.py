@@ -74,7 +74,8 @@ def test_registry_lists_every_paper_preset():
   assert set(models.list_models()) == {
       "densenet40", "densenet100_k12", "densenet100_k24", "densenet_bc_100",
       "densenet_bc_250", "densenet_bc_190", "densenet121", "densenet161", "densenet169",
-      "densenet201", "densenet264"}
+      "densenet201", "densenet264", "densenet_bc"}
+  assert models.get_model("densenet_bc", depth=40).depth == 40
   assert models.get_model("densenet121", num_classes=7).num_classes == 7
   with pytest.raises(ValueError, match="Unknown model 'resnet50'.*densenet121"):
     models.get_model("resnet50")
