@@ -1,6 +1,6 @@
 """Throughput of the project's training step, needing only jax, flax, optax (no TF, no configs).
 
-Builds the step the trainer runs -- `train.train.create_optimizer` (SGD, Nesterov 0.9, weight
+Builds the step the trainer runs -- `train.step.create_optimizer` (SGD, Nesterov 0.9, weight
 decay 1e-4), `create_train_state` and `make_train_step` (shard_map over a 1-D data mesh of
 every device, donated state) -- on a synthetic batch, compiles it, and reports the median of --steps timed steps
 after --warmup untimed ones, each waited for with block_until_ready:
@@ -38,7 +38,7 @@ def measure(model_name: str, batch: int, dtype: str = "float32", memory_efficien
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
   from densenet_jax import models, summary  # pylint: disable=g-import-not-at-top
-  from train import train  # pylint: disable=g-import-not-at-top
+  from train import step as train  # pylint: disable=g-import-not-at-top
 
   if jax.default_backend() == "cpu":
     _common.fast_cpu_init()

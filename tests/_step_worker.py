@@ -8,7 +8,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import default
-from train import train
+from train import step as train
 
 
 def main(out_path: str) -> None:

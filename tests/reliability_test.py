@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from train import checkpointing, errors, train, workdir as workdir_lib
-from train_test import REPO, mock_cifar, read_metrics, saved_params, tiny_config  # noqa: F401
+from train_test import REPO, read_metrics, saved_params, tiny_config
 
 
 def checkpoint_steps(workdir):

@@ -11,7 +11,6 @@ import time
 import jax
 import numpy as np
 import pytest
-import tensorflow_datasets as tfds
 
 from configs import default
 from train import checkpointing, input_pipeline, train
@@ -38,13 +37,6 @@ def tiny_config(tmp_path, **overrides):
   for k, v in overrides.items():
     c[k] = v
   return c
-
-
-@pytest.fixture
-def mock_cifar(monkeypatch):
-  monkeypatch.setattr(input_pipeline, "_can_reach", lambda url: True)  # mock "downloads"
-  with tfds.testing.mock_data(num_examples=40):
-    yield
 
 
 def read_metrics(workdir):
@@ -237,7 +229,7 @@ import sys, types
 for name in ("tensorflow", "tensorflow_datasets", "clu", "ml_collections"):
   sys.modules[name] = None  # any import of them now fails
 import jax, numpy as np
-from train import train
+from train import step as train
 config = types.SimpleNamespace(seed=0, label_smoothing=0.0, weight_decay=1e-4, momentum=0.9,
     nesterov=True, learning_rate=0.1, lr_schedule="piecewise", lr_boundaries=(0.5,),
     lr_decay=0.1, warmup_epochs=0.0, model_overrides={"depth": 10, "growth_rate": 4},
