@@ -46,6 +46,14 @@ def launch(cmd, processes, devices_per_process, log_dir, name):
   return procs
 
 
+def wait_for_train_lines(metrics, count, timeout=300):
+  """Waits until process 0 has logged `count` training steps."""
+  deadline = time.time() + timeout
+  while time.time() < deadline and not (
+      metrics.exists() and metrics.read_text().count('"kind": "train"') >= count):
+    time.sleep(0.2)
+
+
 def wait_all(procs, timeout):
   deadline = time.time() + timeout
   return [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
@@ -90,9 +98,9 @@ def test_dead_peer_stops_the_survivor_and_a_relaunch_resumes(tmp_path):
   cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
   procs = launch(cmd, 2, 2, tmp_path, "first")
   metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (
-      metrics.exists() and metrics.read_text().count('"kind": "train"') >= 12):
+  wait_for_train_lines(metrics, 12)
+  deadline = time.time() + 120  # the asynchronous save of step 10 commits in the background
+  while time.time() < deadline and not (workdir / "checkpoints" / "10").exists():
     time.sleep(0.2)
   procs[1].kill()
   killed_at = time.time()
@@ -130,10 +138,7 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_exact(t
   cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
   procs = launch(cmd, 2, 2, tmp_path, "first")
   metrics = workdir / "metrics.jsonl"
-  deadline = time.time() + 300
-  while time.time() < deadline and not (
-      metrics.exists() and metrics.read_text().count('"kind": "train"') >= 5):
-    time.sleep(0.2)
+  wait_for_train_lines(metrics, 5)
   procs[1].send_signal(signal.SIGTERM)  # one host is preempted first, as on a pod
   assert wait_all(procs, 200) == [0, 0], (tmp_path / "first0.log").read_text()[-3000:]
   logs = [(tmp_path / f"first{i}.log").read_text() for i in range(2)]
