@@ -14,7 +14,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from train import checkpointing, errors, train, workdir as workdir_lib
+from train import checkpointing, errors, preemption, train, workdir as workdir_lib
 from train_test import REPO, read_metrics, saved_params, tiny_config
 
 
@@ -215,6 +215,20 @@ def test_cli_sigterm_during_start_up_says_so(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 143
   assert err.startswith("error: SIGTERM during start-up") and "Traceback" not in err
+
+
+def test_sigterm_swallowed_during_start_up_still_stops_before_training():
+  notice = preemption.Preemption()
+  try:
+    class Finalizer:
+      def __del__(self):  # Python ignores exceptions raised in __del__, the handler's included
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10_000))  # bytecode for the handler to run in
+    Finalizer()
+    with pytest.raises(preemption.Preempted, match="SIGTERM during start-up"):
+      notice.start_training()
+  finally:
+    notice.close()
 
 
 @pytest.mark.slow

@@ -142,7 +142,7 @@ def main(argv: list[str]) -> None:
     return
   try:
     _, metrics = run(argv)
-  except Exception as e:  # pylint: disable=broad-except
+  except (Exception, preemption.Preempted) as e:  # pylint: disable=broad-except
     message = _user_error(e)
     if message is None or FLAGS["verbosity"].present or os.environ.get("DENSENET_JAX_TRACEBACK"):
       raise

@@ -9,8 +9,15 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 
-class Preempted(Exception):
-  """SIGTERM arrived before training started: nothing to save, so the run stops at once."""
+class Preempted(BaseException):
+  """SIGTERM arrived before training started: nothing to save, so the run stops at once.
+
+  A BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it.
+  """
+
+
+_START_UP = ("SIGTERM during start-up, before the first step: nothing was saved. Rerun the same "
+             "command to start again.")
 
 
 class Preemption:
@@ -35,12 +42,13 @@ class Preemption:
     del signum, frame
     self.requested = True
     if not self.training:
-      raise Preempted("SIGTERM during start-up, before the first step: nothing was saved. "
-                      "Rerun the same command to start again.")
+      raise Preempted(_START_UP)
     logging.warning("SIGTERM: saving a checkpoint and stopping after this step.")
 
   def start_training(self) -> None:
     """From now on a SIGTERM checkpoints at the next step boundary instead of stopping."""
+    if self.requested:  # the handler's exception can be swallowed (raised inside a __del__)
+      raise Preempted(_START_UP)
     self.training = True
 
   def reached(self, step: int) -> bool:
