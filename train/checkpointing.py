@@ -49,7 +49,8 @@ def array_record(state: Any) -> tuple[dict[str, list[Any]], list[str]]:
   return record, non_finite
 
 
-def _json(value: Any) -> Any:
+def json_round_trip(value: Any) -> Any:
+  """`value` as it reads back from a checkpoint's JSON (tuples become lists)."""
   return json.loads(json.dumps(value, default=str))
 
 
@@ -82,9 +83,8 @@ class Checkpointer:
     if non_finite:
       raise errors.DivergedError(
           f"Training diverged: the state at step {step} holds non-finite values (e.g. "
-          f"{non_finite[0]}), so it was not saved; {newest_text(self.latest_step())}. Lower "
-          f"--config.learning_rate, add "
-          f"--config.warmup_epochs, or check the input normalisation, then rerun.")
+          f"{non_finite[0]}), so it was not saved; {newest_text(self.latest_step())}. "
+          f"{errors.DIVERGENCE_FIX}")
     meta = {**meta, "arrays": record, "saved": time.strftime("%Y-%m-%dT%H:%M:%S")}
     self.manager.save(step, args=ocp.args.Composite(
         state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
@@ -96,7 +96,7 @@ class Checkpointer:
   def restore(self, abstract_state: Any, identity: dict[str, Any]
               ) -> tuple[Any, dict[str, Any]] | None:
     """The newest intact (state, meta) of this run; None if the workdir has no checkpoint."""
-    identity = _json(identity)
+    identity = json_round_trip(identity)
     steps = sorted(self.manager.all_steps(), reverse=True)
     for step in steps:
       try:

@@ -21,6 +21,10 @@ class IncompatibleCheckpointError(CheckpointError):
   """The workdir's checkpoints belong to a differently configured run (nothing was moved)."""
 
 
+DIVERGENCE_FIX = ("Lower --config.learning_rate, add --config.warmup_epochs, or check the input "
+                  "normalisation, then rerun.")
+
+
 class DivergedError(UserError, FloatingPointError):
   """Training produced non-finite values; the newest finite checkpoint is kept."""
 

@@ -96,10 +96,15 @@ def lr_boundaries(config: ml_collections.ConfigDict, total_steps: int) -> list[i
   return [int(b * total_steps) for b in config.lr_boundaries]
 
 
+def warmup_steps(config: ml_collections.ConfigDict, steps_per_epoch: int) -> int:
+  """The steps of the linear warmup."""
+  return int(config.warmup_epochs * steps_per_epoch)
+
+
 def learning_rate_fn(config: ml_collections.ConfigDict, steps_per_epoch: int,
                      total_steps: int) -> optax.Schedule:
   """Piecewise-constant (paper) or cosine decay, after an optional linear warmup."""
-  warmup = int(config.warmup_epochs * steps_per_epoch)
+  warmup = warmup_steps(config, steps_per_epoch)
   if config.lr_schedule == "piecewise":
     main = optax.piecewise_constant_schedule(
         config.learning_rate,

@@ -9,7 +9,6 @@ is read and metrics are written.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -26,7 +25,7 @@ from densenet_jax import models
 from train import checkpointing, errors, preemption as preemption_lib, validation, workdir as workdir_lib
 from train.step import (TrainState, create_model, create_optimizer, create_train_state,
                         global_batch, learning_rate_fn, lr_boundaries, make_eval_step, make_mesh,
-                        make_train_step, warm_start)
+                        make_train_step, warm_start, warmup_steps)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -65,13 +64,12 @@ class Run:
     return {"total_steps": self.total_steps, "lr_schedule": c.lr_schedule,
             "learning_rate": c.learning_rate,
             "boundaries": lr_boundaries(c, self.total_steps) if c.lr_schedule == "piecewise"
-                          else [], "warmup_steps": int(c.warmup_epochs * self.steps_per_epoch)}
+                          else [], "warmup_steps": warmup_steps(c, self.steps_per_epoch)}
 
   def meta(self) -> dict[str, Any]:
-    """The JSON saved with every checkpoint."""
+    """The JSON saved with every checkpoint (the dataset is part of the identity)."""
     return {"seed": self.config.seed, "batch_size": self.config.batch_size,
-            "dataset": self.config.dataset, "identity": self.identity(),
-            "schedule": self.schedule()}
+            "identity": self.identity(), "schedule": self.schedule()}
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
@@ -149,11 +147,10 @@ def _summary(run: Run, state: TrainState, resumed: bool) -> list[tuple[str, Any]
   c, info, b = run.config, run.info, run.batches
   params = models.count_params(state.params)
   overrides = ", ".join(f"{k}={v}" for k, v in dict(c.model_overrides).items())
+  s = run.schedule()
   schedule = (f"{c.lr_schedule}, lr {c.learning_rate:g}" +
-              (f" x{c.lr_decay:g} at steps {lr_boundaries(c, run.total_steps)}"
-               if c.lr_schedule == "piecewise" and c.lr_boundaries else "") +
-              (f", {int(c.warmup_epochs * run.steps_per_epoch)} warmup steps"
-               if c.warmup_epochs else ""))
+              (f" x{c.lr_decay:g} at steps {s['boundaries']}" if s["boundaries"] else "") +
+              (f", {s['warmup_steps']} warmup steps" if s["warmup_steps"] else ""))
   devices = jax.device_count()
   eval_note = (f" ({c.eval_batch_size} rounded up to {devices} devices; padding is masked)"
                if b.eval != c.eval_batch_size else "")
@@ -172,21 +169,17 @@ def _summary(run: Run, state: TrainState, resumed: bool) -> list[tuple[str, Any]
   ]
 
 
-def _schedule_change(run: Run, saved: dict[str, Any] | None, step: int) -> str | None:
-  if not saved or saved == json_round_trip(run.schedule()):
+def _schedule_change(run: Run, old: dict[str, Any] | None, step: int) -> str | None:
+  new = checkpointing.json_round_trip(run.schedule())
+  if not old or old == new:
     return None
-  new_lr, old = float(run.lr_fn(step)), saved
+  new_lr = float(run.lr_fn(step))
   return (f"The learning-rate schedule differs from the one this checkpoint was trained with: "
           f"total steps {old.get('total_steps')} -> {run.total_steps}, boundaries "
-          f"{old.get('boundaries')} -> {run.schedule()['boundaries']}, base lr "
+          f"{old.get('boundaries')} -> {new['boundaries']}, base lr "
           f"{old.get('learning_rate')} -> {run.config.learning_rate}. The run continues on the "
           f"schedule of the current config, as a fresh run with it would: lr {new_lr:.4g} from "
           f"step {step}. Rerun with the original values to keep the original schedule.")
-
-
-def json_round_trip(value: Any) -> Any:
-  """`value` as it reads back from JSON (tuples become lists)."""
-  return json.loads(json.dumps(value))
 
 
 def _check_finite(metrics: dict[str, jax.Array], step: int, last_checkpoint: int | None) -> None:
@@ -195,9 +188,7 @@ def _check_finite(metrics: dict[str, jax.Array], step: int, last_checkpoint: int
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
     raise errors.DivergedError(
         f"Training diverged at step {step}: loss={loss}, gradient norm={grad_norm}; "
-        f"{checkpointing.newest_text(last_checkpoint)}. Lower --config.learning_rate, add "
-        f"--config.warmup_epochs, or check the input "
-        f"normalisation, then rerun.")
+        f"{checkpointing.newest_text(last_checkpoint)}. {errors.DIVERGENCE_FIX}")
 
 
 def _acquire_lock(path: epath.Path) -> workdir_lib.Lock | None:
