@@ -147,10 +147,22 @@ def main(argv: list[str]) -> None:
     if message is None or FLAGS["verbosity"].present or os.environ.get("DENSENET_JAX_TRACEBACK"):
       raise
     print(f"error: {message}", file=sys.stderr, flush=True)
-    sys.exit(143 if isinstance(e, preemption.Preempted) else 1)
+    _exit_now(143 if isinstance(e, preemption.Preempted) else 1)
   if metrics and jax.process_index() == 0:
     print(f"Final test accuracy: {metrics['accuracy']:.4f} "
           f"({int(metrics['examples'])} examples)", flush=True)
+
+
+def _exit_now(code: int) -> None:
+  """Exits without interpreter finalization, where tensorstore's threads can still print
+  'Event loop is closed' tracebacks after a failed write (sys.excepthook is gone by then);
+  checkpoints and metrics are closed by now, so only the distributed runtime needs a shutdown."""
+  if jax.distributed.is_initialized():
+    jax.distributed.shutdown()
+  logging.flush()
+  sys.stdout.flush()
+  sys.stderr.flush()
+  os._exit(code)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
