@@ -17,8 +17,8 @@ Rows (JSON lines on stdout):
   bench=input_pipeline_resume  time to the first batch of a fresh iterator started at step 0
                                and at the epoch's last step (--no-resume: skipped)
 
-The shuffle buffer (--shuffle-buffer) is smaller than an epoch, so the steady state includes
-reading and decoding and a late resume has to skip through the stream. --rev REV measures
+The shuffle window (--shuffle-buffer) is smaller than an epoch, so the steady state includes
+reading and decoding, and a late resume has to find its place in the epoch. --rev REV measures
 train/input_pipeline.py as of git revision REV instead (e.g. the decode-before-skip pipeline
 of 37666c9, whose thread pool is fixed at 2 and ignores --threads). Synthetic pixels are
 smooth random noise so that JPEG sizes are realistic-ish (~30-60 KB at 400x400).
@@ -181,7 +181,7 @@ def measure(which: str, data_dir: str, num_train: int, batch: int, batches: int,
       "img_per_s": round(rate, 1), "img_per_s_mean": round(batch * batches / total, 1),
       "img_per_s_per_thread": round(rate / threads, 1), "batches": batches,
       "cpu_util": round(cpu_s / total, 2), "img_per_cpu_s": round(batch * batches / cpu_s, 1),
-      "cores": _cores(), "rev": rev or "worktree",
+      "cores": _cores(), "rev": rev or _worktree_rev(),
       "load_before": load_before, "load_after": _common.loadavg(),
   }
 
@@ -203,9 +203,18 @@ def measure_resume(which: str, data_dir: str, num_train: int, batch: int, thread
       "batch": batch, "examples": num_train, "shuffle_buffer": shuffle_buffer,
       "start_step": start_step, "steps_per_epoch": steps_per_epoch,
       "skipped_examples": start_step % steps_per_epoch * batch,
-      "first_batch_s": round(first_s, 3), "cores": _cores(), "rev": rev or "worktree",
+      "first_batch_s": round(first_s, 3), "cores": _cores(), "rev": rev or _worktree_rev(),
       "load_before": load_before, "load_after": _common.loadavg(),
   }
+
+
+@functools.cache
+def _worktree_rev() -> str:
+  """HEAD's short hash, with '+edits' when train/input_pipeline.py differs from it."""
+  git = lambda *a: subprocess.run(["git", *a], cwd=_common.REPO, capture_output=True, text=True)
+  head = git("rev-parse", "--short", "HEAD").stdout.strip() or "worktree"
+  edited = git("diff", "--quiet", "HEAD", "--", "train/input_pipeline.py").returncode != 0
+  return head + ("+edits" if edited else "")
 
 
 def _cores() -> int:

@@ -48,6 +48,8 @@ def render(results: str) -> str:
   fits = load(results, "memory", "memory_fit", lambda r: 0)
   pipes = load(results, "input_pipeline", "input_pipeline",
                lambda r: (r["pipeline"], r.get("threads")))
+  resumes = load(results, "input_pipeline", "input_pipeline_resume",
+                 lambda r: (r["pipeline"], r["examples"], r["rev"], r["skipped_examples"] > 0))
   m = _common.machine()
   out = [
       "# densenet-jax benchmarks", "",
@@ -105,5 +107,12 @@ def render(results: str) -> str:
           "`input_pipeline.py`: train/input_pipeline.py on synthetic tfds data.", "",
           *table([col("pipeline"), col("threads"), col("batch"), col("image"),
                   col("first_batch_s", "first batch s"), col("img_per_s", "img/s"),
-                  ("load", load_col), col("measured")], pipes), ""]
+                  ("load", load_col), col("measured")], pipes), "",
+          "Time to the first batch of an iterator started at the epoch's first step and at its "
+          "last one (`rev`: the train/input_pipeline.py measured; worktree: uncommitted, as it was at "
+          "the time measured):", "",
+          *table([col("pipeline"), col("examples"), col("rev"),
+                  col("skipped_examples", "skipped examples"),
+                  col("first_batch_s", "first batch s"), ("load", load_col), col("measured")],
+                 resumes), ""]
   return "\n".join(out)

@@ -32,7 +32,7 @@ HELP = {
     "augment": "'none' | 'cifar' (pad 4, random crop, flip) | 'imagenet' (resized crop, flip)",
     "mean": "per-channel mean subtracted from 0..255 pixels",
     "std": "per-channel std the centred pixels are divided by",
-    "shuffle_buffer": "examples in the tf.data shuffle buffer",
+    "shuffle_buffer": "examples per shuffle window (whole 256-example blocks; 2 windows held in RAM)",
     "input_threads": "tf.data threads per host; 0: every core with an accelerator, else 2",
     "batch_size": "global batch over all devices and processes (must divide by the devices)",
     "eval_batch_size": "global eval batch; rounded up to a multiple of the device count",

@@ -15,11 +15,34 @@ if importlib.util.find_spec("torch") is not None:
   import torch._dynamo  # noqa: F401
 
 
-@pytest.fixture
-def mock_cifar(monkeypatch):
-  """tfds.testing.mock_data CIFAR-10 (40 random examples per split), 'downloadable'."""
+def write_cifar10(data_dir: str, num_examples: int, num_shards: int = 1) -> None:
+  """A real on-disk 'cifar10' (tfds' own features and version) of random 32x32 images."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  from train import input_pipeline  # pylint: disable=g-import-not-at-top
-  monkeypatch.setattr(input_pipeline, "_can_reach", lambda url: True)  # mock "downloads"
-  with tfds.testing.mock_data(num_examples=40):
-    yield
+  rng = np.random.default_rng(0)
+  def split(name):
+    return tf.data.Dataset.from_tensor_slices({
+        "id": [f"{name}_{i}" for i in range(num_examples)],
+        "image": rng.integers(0, 256, (num_examples, 32, 32, 3), dtype=np.uint8),
+        "label": rng.integers(0, 10, num_examples)})
+  registered = tfds.builder_cls("cifar10")
+  tfds.dataset_builders.store_as_tfds_dataset(
+      name="cifar10", version=str(registered.VERSION), data_dir=data_dir,
+      features=tfds.builder("cifar10", data_dir=data_dir).info.features,
+      split_datasets={"train": split("train"), "test": split("test")},
+      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+
+
+@pytest.fixture(scope="session")
+def _cifar10_dir(tmp_path_factory):
+  data_dir = tmp_path_factory.mktemp("cifar10")
+  write_cifar10(str(data_dir), 40)
+  return data_dir
+
+
+@pytest.fixture
+def tiny_cifar10(tmp_path, _cifar10_dir):
+  """A prepared CIFAR-10 of 40 random examples per split at tmp_path / 'tfds'."""
+  (tmp_path / "tfds").symlink_to(_cifar10_dir, target_is_directory=True)
+  return tmp_path / "tfds"

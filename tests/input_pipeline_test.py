@@ -25,7 +25,7 @@ def smooth_images(rng, sizes):
 
 
 def write_dataset(data_dir, name, splits, encoding_format, shape=(None, None, 3)):
-  """A real tfds dataset of {'image', 'label'} from {split: (images, labels)}."""
+  """A real tfds dataset of {'image', 'label'} from {split: (images, labels)}, in 3 shards."""
   def split(images, labels):
     return tf.data.Dataset.from_generator(
         lambda: ({"image": i, "label": l} for i, l in zip(images, labels)),
@@ -36,7 +36,8 @@ def write_dataset(data_dir, name, splits, encoding_format, shape=(None, None, 3)
       "label": tfds.features.ClassLabel(num_classes=10)})
   return tfds.dataset_builders.store_as_tfds_dataset(
       name=name, version="1.0.0", features=features, data_dir=str(data_dir),
-      split_datasets={k: split(*v) for k, v in splits.items()})
+      split_datasets={k: split(*v) for k, v in splits.items()},
+      download_config=tfds.download.DownloadConfig(num_shards=3))
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +59,7 @@ def builders(tmp_path_factory):
 def config_for(augment):
   c = default.get_config()
   c.augment = augment
-  c.shuffle_buffer = 16  # smaller than an epoch, so a resume must skip through the stream
+  c.shuffle_buffer = 16  # windows of 3 blocks of 5 (BLOCK below): several per epoch
   c.mean, c.std = (0.0,), (1.0,)
   c.image_size = 32
   c.seed = 3
@@ -71,7 +72,8 @@ def take(iterator, n):
 
 @pytest.mark.parametrize("dataset,augment", [("jpeg", "imagenet"), ("png", "imagenet"),
                                              ("cifar", "cifar")])
-def test_resumed_batches_equal_the_uninterrupted_ones(builders, dataset, augment):
+def test_resumed_batches_equal_the_uninterrupted_ones(builders, dataset, augment, monkeypatch):
+  monkeypatch.setattr(input_pipeline, "BLOCK", 5)  # blocks span shard ends; resumes cross windows
   builder, config = builders[dataset], config_for(augment)
   local_batch = 4
   steps = builder.info.splits["train"].num_examples // local_batch
@@ -80,12 +82,50 @@ def test_resumed_batches_equal_the_uninterrupted_ones(builders, dataset, augment
   assert straight[0]["image"].shape == (local_batch, 32, 32, 3)
   # Epoch 2 shows the same examples in another order with other augmentation.
   assert not np.array_equal(straight[0]["image"], straight[steps]["image"])
-  for start in (1, steps - 1, steps + 1):
+  for start in (1, 4, steps - 1, steps + 1):
     resumed = take(input_pipeline.train_iterator(builder, config, local_batch, steps, start),
                    steps + 4 - start)
     for n, (a, b) in enumerate(zip(straight[start:], resumed), start):
       np.testing.assert_array_equal(a["label"], b["label"], err_msg=f"start {start} batch {n}")
       np.testing.assert_array_equal(a["image"], b["image"], err_msg=f"start {start} batch {n}")
+
+
+def _records(windows):
+  """(file, record index) of every example the windows emit, in order."""
+  out = []
+  for w in windows:
+    read = [(f, s + i) for f, s, t in zip(w.files, w.skips, w.takes) for i in range(t)]
+    out += [read[j] for j in w.order]
+  return out
+
+
+def test_epoch_order_is_a_permutation_and_any_start_is_its_tail():
+  # Three shards as tfds splits them for one process: shard ends cut blocks short.
+  blocks = [(f, s, min(7, end - s)) for f, begin, end in [("a", 3, 40), ("b", 0, 25), ("c", 0, 9)]
+            for s in range(begin, end, 7)]
+  everything = sorted((f, s + i) for f, s, t in blocks for i in range(t))
+  with pytest.MonkeyPatch.context() as mp:
+    mp.setattr(input_pipeline, "BLOCK", 7)
+    epoch = _records(input_pipeline.epoch_windows(blocks, 20, seed=5, start=0))
+    assert sorted(epoch) == everything and len(epoch) == 71
+    assert epoch != sorted(epoch)
+    other = _records(input_pipeline.epoch_windows(blocks, 20, seed=6, start=0))
+    assert sorted(other) == everything and other != epoch
+    for start in range(71):
+      resumed = input_pipeline.epoch_windows(blocks, 20, seed=5, start=start)
+      assert _records(resumed) == epoch[start:], start
+      # A resume reads at most one window it does not use, wherever it starts.
+      assert sum(resumed[0].takes) <= 21 and len(resumed[0].order) > 0
+
+
+def test_processes_read_disjoint_halves_covering_the_split(builders):
+  builder = builders["cifar"]
+  halves = [input_pipeline.split_blocks(
+      builder, tfds.split_for_jax_process("train", process_index=i, process_count=2))
+            for i in range(2)]
+  records = [{(f, s + i) for f, s, t in h for i in range(t)} for h in halves]
+  assert len(records[0]) == len(records[1]) == 20 and not records[0] & records[1]
+  assert all(t <= input_pipeline.BLOCK for h in halves for _, _, t in h)
 
 
 @pytest.mark.parametrize("options", [{"subsampling": 0}, {"subsampling": 1},

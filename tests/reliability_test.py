@@ -29,7 +29,7 @@ def all_finite(tree):
 
 
 @pytest.mark.slow
-def test_changed_config_is_refused_and_nothing_is_moved(tmp_path, mock_cifar):
+def test_changed_config_is_refused_and_nothing_is_moved(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
   before = checkpoint_steps(workdir)
@@ -74,7 +74,7 @@ def test_content_that_differs_from_its_digest_is_quarantined(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_flipped_bit_on_disk_falls_back_to_the_previous_step(tmp_path, mock_cifar, caplog):
+def test_flipped_bit_on_disk_falls_back_to_the_previous_step(tmp_path, tiny_cifar10, caplog):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
   step2 = saved_params(workdir, 2)
@@ -105,7 +105,7 @@ def test_a_workdir_whose_checkpoints_were_all_quarantined_does_not_start_over(tm
 
 
 @pytest.mark.slow
-def test_late_divergence_is_not_checkpointed_and_fails(tmp_path, mock_cifar):
+def test_late_divergence_is_not_checkpointed_and_fails(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   # lr x1e12 from step 4 of 5: the final state is non-finite (or absurd) at the last step.
   config = tiny_config(tmp_path, num_train_steps=5, lr_boundaries=(0.75,), lr_decay=1e12,
@@ -138,7 +138,7 @@ def _hold_lock(path):
   return holder
 
 
-def test_second_run_on_a_workdir_fails_at_once_naming_the_holder(tmp_path, mock_cifar):
+def test_second_run_on_a_workdir_fails_at_once_naming_the_holder(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   workdir.mkdir()
   holder = _hold_lock(workdir)
@@ -166,7 +166,7 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
 
 
 @pytest.mark.slow
-def test_each_launch_keeps_its_config_and_eval_only_writes_none(tmp_path, mock_cifar):
+def test_each_launch_keeps_its_config_and_eval_only_writes_none(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3), str(workdir))

@@ -1,4 +1,4 @@
-"""The training program, run for real on CPU: mock CIFAR, fake devices, resume, SIGTERM, digits."""
+"""The training program, run for real on CPU: a tiny on-disk CIFAR-10, fake devices, resume, SIGTERM, digits."""
 
 import json
 import os
@@ -19,7 +19,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def tiny_config(tmp_path, **overrides):
-  """BC net with one layer per block on 16x16 mock CIFAR: compiles in seconds."""
+  """BC net with one layer per block on a tiny on-disk CIFAR-10: compiles in seconds."""
   c = default.get_config()
   c.model_overrides = {"depth": 10, "growth_rate": 4}
   c.data_dir = str(tmp_path / "tfds")
@@ -31,9 +31,6 @@ def tiny_config(tmp_path, **overrides):
   c.checkpoint_every_steps = 2
   c.lr_boundaries = ()
   c.shuffle_buffer = 64
-  # tfds.testing.mock_data swaps in a mock file system while it builds a dataset, which would
-  # swallow an asynchronous checkpoint write happening at that moment.
-  c.async_checkpoints = False
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -50,13 +47,13 @@ def saved_params(workdir, step):
   return restored["state"]
 
 
-def test_train_on_mock_cifar_writes_metrics_checkpoints_and_config(tmp_path, mock_cifar):
+def test_train_on_tiny_cifar10_writes_metrics_checkpoints_and_config(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   half_written = workdir / "checkpoints" / "9.orbax-checkpoint-tmp"  # a save killed mid-way
   half_written.mkdir(parents=True)
   _, metrics = train.train_and_evaluate(tiny_config(tmp_path), str(workdir))
   assert not half_written.exists()
-  assert metrics["examples"] == 40  # every mock test example exactly once
+  assert metrics["examples"] == 40  # every test example exactly once
   assert 0.0 <= metrics["accuracy"] <= 1.0 and np.isfinite(metrics["loss"])
   lines = read_metrics(workdir)
   train_lines = [l for l in lines if l["kind"] == "train"]
@@ -69,7 +66,7 @@ def test_train_on_mock_cifar_writes_metrics_checkpoints_and_config(tmp_path, moc
 
 
 @pytest.mark.slow
-def test_resume_is_bit_exact(tmp_path, mock_cifar):
+def test_resume_is_bit_exact(tmp_path, tiny_cifar10):
   straight, resumed = tmp_path / "straight", tmp_path / "resumed"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=7), str(straight))
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3), str(resumed))
@@ -84,7 +81,7 @@ def test_resume_is_bit_exact(tmp_path, mock_cifar):
 
 
 @pytest.mark.slow
-def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mock_cifar, caplog):
+def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, tiny_cifar10, caplog):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=4), str(workdir))
   for f in (workdir / "checkpoints" / "4" / "state").rglob("*"):
@@ -98,7 +95,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, mock_cifar, 
   assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir()) == [2, 4]
 
 
-def test_eval_only_without_checkpoint_says_what_to_do(tmp_path, mock_cifar):
+def test_eval_only_without_checkpoint_says_what_to_do(tmp_path, tiny_cifar10):
   with pytest.raises(checkpointing.CheckpointError, match="no checkpoint.*Train first"):
     train.train_and_evaluate(tiny_config(tmp_path, eval_only=True), str(tmp_path / "empty"))
 
@@ -113,13 +110,13 @@ def test_missing_data_fails_fast_with_staging_instructions(tmp_path, monkeypatch
     assert time.time() - start < 10
 
 
-def test_wrong_image_size_is_refused_before_training(tmp_path, mock_cifar):
+def test_wrong_image_size_is_refused_before_training(tmp_path, tiny_cifar10):
   with pytest.raises(ValueError, match=r"images are \(32, 32\).*--config.image_size=32"):
     train.train_and_evaluate(tiny_config(tmp_path, image_size=16), str(tmp_path / "w"))
 
 
 @pytest.mark.slow
-def test_divergence_stops_before_checkpointing_garbage(tmp_path, mock_cifar):
+def test_divergence_stops_before_checkpointing_garbage(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   with pytest.raises(FloatingPointError,
                      match=r"diverged at step \d+: loss=.*(nan|inf).*checkpoint"):
@@ -194,7 +191,7 @@ def test_digits_demo_reaches_98_percent(tmp_path):
 
 
 @pytest.mark.slow
-def test_fine_tuning_starts_from_pretrained_weights(tmp_path, mock_cifar):
+def test_fine_tuning_starts_from_pretrained_weights(tmp_path, tiny_cifar10):
   from densenet_jax import models, pretrained  # pylint: disable=g-import-not-at-top
   source = models.densenet40(num_classes=100, bn_epsilon=1.001e-5)
   variables = jax.jit(lambda x: source.init(jax.random.key(7), x))(np.zeros((1, 32, 32, 3)))
@@ -251,7 +248,7 @@ print("step", int(state.step), float(metrics["loss"]) > 0)
 
 
 @pytest.mark.slow
-def test_start_up_summary_and_resume_are_announced(tmp_path, mock_cifar, capsys):
+def test_start_up_summary_and_resume_are_announced(tmp_path, tiny_cifar10, capsys):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
   out = capsys.readouterr().out
