@@ -28,16 +28,15 @@ STEP_CONFIG = types.SimpleNamespace(weight_decay=1e-4, momentum=0.9, nesterov=Tr
                                     label_smoothing=0.0, seed=0)
 
 
-def measure(model_name: str, batch: int, dtype: str = "float32", memory_efficient: bool = False,
-            steps: int = 10, warmup: int = 2, image_size: int | None = None,
-            **overrides: Any) -> dict[str, Any]:
-  """Compiles and times one training step of a preset (`overrides` replace its attributes)."""
+def build(model_name: str, batch: int, dtype: str = "float32", memory_efficient: bool = False,
+          image_size: int | None = None, **overrides: Any) -> types.SimpleNamespace:
+  """The trainer's step for a preset on a synthetic batch: model, shape, state, data, step."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
 
-  from densenet_jax import models, summary  # pylint: disable=g-import-not-at-top
+  from densenet_jax import models  # pylint: disable=g-import-not-at-top
   from train import step as train  # pylint: disable=g-import-not-at-top
 
   if jax.default_backend() == "cpu":
@@ -54,7 +53,22 @@ def measure(model_name: str, batch: int, dtype: str = "float32", memory_efficien
   data = jax.device_put({"image": rng.standard_normal(shape, np.float32),
                          "label": rng.integers(0, model.num_classes, (batch,), np.int32)},
                         NamedSharding(mesh, P(train.AXIS)))
-  step = train.make_train_step(model, tx, STEP_CONFIG, mesh)
+  return types.SimpleNamespace(model=model, shape=shape, state=state, data=data,
+                               step=train.make_train_step(model, tx, STEP_CONFIG, mesh))
+
+
+def measure(model_name: str, batch: int, dtype: str = "float32", memory_efficient: bool = False,
+            steps: int = 10, warmup: int = 2, image_size: int | None = None,
+            **overrides: Any) -> dict[str, Any]:
+  """Compiles and times one training step of a preset (`overrides` replace its attributes)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  from densenet_jax import summary  # pylint: disable=g-import-not-at-top
+
+  b = build(model_name, batch, dtype, memory_efficient, image_size, **overrides)
+  model, shape, state, data, step = b.model, b.shape, b.state, b.data, b.step
+  size = shape[1]
   load_before = _common.loadavg()
   t0 = time.perf_counter()
   compiled = step.lower(state, data).compile()

@@ -11,6 +11,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BENCH = os.path.join(REPO, "benchmarks")
 sys.path.insert(0, BENCH)
 import memory  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import profile_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import render  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # GPU machines have jax, flax, optax, orbax (and torch), but none of these.
@@ -32,6 +33,34 @@ def test_train_step_runs_where_only_jax_flax_optax_exist():
   assert row["batch"] == 4 and row["steps"] == 2
   assert row["img_per_s"] > 0 and row["compile_s"] > 0 and len(row["load_before"]) == 3
   assert row["temp_mib"] > 0 and row["loss"] == row["loss"]  # finite, not NaN
+
+
+def test_profile_accounts_for_the_step_by_kind_of_op(capsys):
+  row = profile_step.main(["--block-config", "1,1,1", "--batch", "4", "--steps", "1",
+                           "--top", "5"])
+  capsys.readouterr()
+  cats = row["categories"]
+  # The tiny BC net still has 3x3 convolutions, 1x1 convolutions as matmuls, BN reductions.
+  assert {"conv3x3", "dot", "reduce fusion"} <= set(cats)
+  assert abs(sum(c["s"] for c in cats.values()) - row["thunk_s_per_step"]) < 1e-2
+  assert len(row["top_ops"]) == 5 and all(o["ms"] > 0 for o in row["top_ops"])
+  assert all(o["mb"] > 0 for o in row["top_ops"])
+
+
+def test_profile_reads_operand_bytes_from_hlo():
+  instrs, comps = profile_step.parse_hlo(
+      "%c (a: f32[4,8], b: bf16[2]) -> f32[4,8] {\n"
+      "  %a = f32[4,8]{1,0} parameter(0)\n"
+      "  ROOT %e = f32[4,8]{1,0} exponential(%a)\n"
+      "}\n"
+      "ENTRY %main (p: f32[4,8], q: bf16[2]) -> f32[4,8] {\n"
+      "  %p = f32[4,8]{1,0} parameter(0)\n"
+      "  %q = bf16[2]{0} parameter(1)\n"
+      "  ROOT %f = f32[4,8]{1,0} fusion(%p, %q), kind=kLoop, calls=%c\n"
+      "}\n")
+  assert profile_step.touched_bytes(instrs["f"], instrs) == 4 * 8 * 4 * 2 + 2 * 2
+  assert profile_step.classify(instrs["f"], comps) == "elementwise fusion"
+  assert profile_step.fused_opcodes(instrs["f"], comps) == {"exponential": 1}
 
 
 @pytest.mark.slow
