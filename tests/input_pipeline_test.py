@@ -178,3 +178,13 @@ def test_input_threads_resolution(monkeypatch):
   assert input_pipeline.input_threads(config) == 48
   config.input_threads = 5
   assert input_pipeline.input_threads(config) == 5
+
+
+def test_a_dataset_not_stored_as_tfrecord_is_refused_with_the_fix(builders):
+  builder = builders["cifar"]
+  array_record = type("Info", (), {"name": "tiny_cifar",
+                                   "file_format": tfds.core.FileFormat.ARRAY_RECORD})()
+  fake = type("Builder", (), {"info": array_record})()
+  with pytest.raises(input_pipeline.errors.UserError, match="array_record.*file_format='tfrecord'"):
+    input_pipeline.split_blocks(fake, "train")
+  assert input_pipeline.split_blocks(builder, "train")  # the TFRecord one reads
