@@ -109,8 +109,8 @@ def render(results: str) -> str:
                   col("first_batch_s", "first batch s"), col("img_per_s", "img/s"),
                   ("load", load_col), col("measured")], pipes), "",
           "Time to the first batch of an iterator started at the epoch's first step and at its "
-          "last one (`rev`: the train/input_pipeline.py measured; worktree: uncommitted, as it was at "
-          "the time measured):", "",
+          "last one (`rev`: the train/input_pipeline.py measured; worktree: uncommitted, as it "
+          "was at the time measured):", "",
           *table([col("pipeline"), col("examples"), col("rev"),
                   col("skipped_examples", "skipped examples"),
                   col("first_batch_s", "first batch s"), ("load", load_col), col("measured")],

@@ -15,7 +15,7 @@ if importlib.util.find_spec("torch") is not None:
   import torch._dynamo  # noqa: F401
 
 
-def write_cifar10(data_dir: str, num_examples: int, num_shards: int = 1) -> None:
+def write_cifar10(data_dir: str, num_examples: int) -> None:
   """A real on-disk 'cifar10' (tfds' own features and version) of random 32x32 images."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
@@ -26,12 +26,11 @@ def write_cifar10(data_dir: str, num_examples: int, num_shards: int = 1) -> None
         "id": [f"{name}_{i}" for i in range(num_examples)],
         "image": rng.integers(0, 256, (num_examples, 32, 32, 3), dtype=np.uint8),
         "label": rng.integers(0, 10, num_examples)})
-  registered = tfds.builder_cls("cifar10")
+  registered = tfds.builder("cifar10", data_dir=data_dir)
   tfds.dataset_builders.store_as_tfds_dataset(
-      name="cifar10", version=str(registered.VERSION), data_dir=data_dir,
-      features=tfds.builder("cifar10", data_dir=data_dir).info.features,
-      split_datasets={"train": split("train"), "test": split("test")},
-      download_config=tfds.download.DownloadConfig(num_shards=num_shards))
+      name="cifar10", version=str(registered.version), data_dir=data_dir,
+      features=registered.info.features,
+      split_datasets={"train": split("train"), "test": split("test")})
 
 
 @pytest.fixture(scope="session")

@@ -1,4 +1,4 @@
-"""The training program, run for real on CPU: a tiny on-disk CIFAR-10, fake devices, resume, SIGTERM, digits."""
+"""The trainer run for real on CPU: tiny on-disk CIFAR-10, fake devices, SIGTERM, digits."""
 
 import json
 import os

@@ -5,8 +5,8 @@ exactly the batches an uninterrupted one would. Augmentation draws from stateles
 (epoch seed, example index in the epoch) or (epoch seed, batch index), never by where a run
 started. Training records are read straight from the TFRecord shards in an order computed up
 front (`epoch_windows`), so resuming anywhere in an epoch reads one shuffle window, not the
-epoch up to there; images are decoded only when used, JPEGs decoded and cropped in one op. tf.data runs on `input_threads(config)`
-threads of the host.
+epoch up to there; images are decoded only when used, JPEGs decoded and cropped in one op.
+tf.data runs on `input_threads(config)` threads of the host.
 """
 
 from __future__ import annotations
@@ -345,7 +345,7 @@ def _train_epoch(builder: tfds.core.DatasetBuilder, config: ml_collections.Confi
   epoch_seed = (config.seed * 100_003 + epoch) % 2**31
   start = skip * local_batch
   windows = epoch_windows(split_blocks(builder, split), config.shuffle_buffer, epoch_seed, start)
-  # Up to a window of records waits read while the next window is being read.
+  # Holds up to one window of read records, so the next window is read while this one is used.
   ds = _read_windows(windows).prefetch(max(BLOCK, config.shuffle_buffer))
   # Indices count from the epoch's start, so a resume keeps every augmentation seed.
   ds = ds.enumerate(start=start)
