@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import chex
 import jax
 import numpy as np
 import pytest
@@ -266,3 +267,26 @@ def test_start_up_summary_and_resume_are_announced(tmp_path, tiny_cifar10, capsy
   out = capsys.readouterr().out
   assert "Resumed from step 2 of 3." in out
   assert "learning-rate schedule differs" in out and "total steps 2 -> 3" in out
+
+
+def test_cpu_step_compiles_with_onednn_and_gives_the_same_result(monkeypatch):
+  import types  # pylint: disable=g-import-not-at-top
+  from densenet_jax import models  # pylint: disable=g-import-not-at-top
+  from train import step as step_lib  # pylint: disable=g-import-not-at-top
+  config = types.SimpleNamespace(seed=0, label_smoothing=0.0, weight_decay=1e-4, momentum=0.9,
+                                 nesterov=True)
+  model = models.get_model("densenet_bc_100", depth=16, growth_rate=8, num_classes=10)
+  tx = step_lib.create_optimizer(config, 0.1)
+  mesh = step_lib.make_mesh()
+  rng = np.random.default_rng(0)
+  batch = step_lib.global_batch(mesh, {"image": rng.standard_normal((8, 16, 16, 3), np.float32),
+                                       "label": rng.integers(0, 10, 8).astype(np.int32)})
+  results = {}
+  for name, options in (("onednn", step_lib.COMPILER_OPTIONS), ("plain", {})):
+    monkeypatch.setattr(step_lib, "COMPILER_OPTIONS", options)
+    state = step_lib.create_train_state(model, tx, (8, 16, 16, 3), jax.random.key(0))
+    step = step_lib.make_train_step(model, tx, config, mesh)
+    hlo = step.lower(state, batch).compile().as_text()
+    results[name] = ('custom_call_target="__onednn$' in hlo, step(state, batch))
+  assert results["onednn"][0] and not results["plain"][0]
+  chex.assert_trees_all_close(results["onednn"][1], results["plain"][1], rtol=1e-5, atol=1e-6)
