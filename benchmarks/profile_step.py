@@ -29,7 +29,8 @@ import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
 import train_step  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 _COMP_RE = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$")
-_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\S+?) ([\w\-]+)\((.*)$")
+# A result shape is one array or a tuple, e.g. a oneDNN custom call's (result, scratch).
+_INSTR_RE = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = (\(.*?\)|\S+?) ([\w\-]+)\((.*)$")
 _ARRAY_RE = re.compile(r"\b(f32|bf16|f16|s32|u32|s8|u8|pred|s64|f64)\[([\d,]*)\]")
 _BYTES = {"f32": 4, "s32": 4, "u32": 4, "bf16": 2, "f16": 2, "s8": 1, "u8": 1, "pred": 1,
           "s64": 8, "f64": 8}
@@ -78,6 +79,9 @@ def classify(info: dict[str, Any] | None, comps) -> str:
   """The category of a top-level instruction."""
   if info is None:
     return "unmapped"
+  target = re.search(r'custom_call_target="([^"]+)"', info["rest"])
+  if info["opcode"] == "custom-call" and target:
+    return target.group(1).lstrip("_").replace("$", " ")  # e.g. "onednn convolution"
   ops = comps.get(info["calls"], []) if info["calls"] else [info]
   opcodes = {o["opcode"] for o in ops}
   for o in ops:
@@ -95,6 +99,14 @@ def classify(info: dict[str, Any] | None, comps) -> str:
   if info["opcode"] == "fusion":
     return "elementwise fusion"
   return "other: " + info["opcode"]
+
+
+def thunk_instruction(event: str, instrs: dict[str, dict[str, Any]]) -> str | None:
+  """The instruction a trace event ran, or None; library thunks append `__<target>`."""
+  if event in instrs:
+    return event
+  name = event.split("__", 1)[0]  # e.g. "custom-call.1.clone__onednn$convolution"
+  return name if name in instrs and instrs[name]["opcode"] == "custom-call" else None
 
 
 def fused_opcodes(info: dict[str, Any], comps) -> dict[str, int]:
@@ -146,8 +158,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         continue
       for line in plane.lines:
         for ev in line.events:
-          if ev.name in instrs:
-            per_op[ev.name] += ev.duration_ns / 1e9 / args.steps
+          name = thunk_instruction(ev.name, instrs)
+          if name:
+            per_op[name] += ev.duration_ns / 1e9 / args.steps
   by_cat: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0, 0])
   for name, s in per_op.items():
     cat = by_cat[classify(instrs[name], comps)]

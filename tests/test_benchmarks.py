@@ -63,6 +63,24 @@ def test_profile_reads_operand_bytes_from_hlo():
   assert profile_step.fused_opcodes(instrs["f"], comps) == {"exponential": 1}
 
 
+def test_profile_maps_library_calls_with_tuple_results():
+  # oneDNN custom calls return (result, scratch); their thunks must not drop out of the profile.
+  instrs, comps = profile_step.parse_hlo(
+      "ENTRY %main (x: f32[2,8,8,4], w: f32[3,3,4,4]) -> f32[2,8,8,4] {\n"
+      "  %x = f32[2,8,8,4]{3,2,1,0} parameter(0)\n"
+      "  %w = f32[3,3,4,4]{3,2,1,0} parameter(1)\n"
+      "  %custom-call.1.clone = (f32[2,8,8,4]{3,2,1,0}, u8[64]{0}) custom-call(%x, %w), "
+      'custom_call_target="__onednn$convolution"\n'
+      "}\n")
+  cc = instrs["custom-call.1.clone"]
+  assert profile_step.classify(cc, comps) == "onednn convolution"
+  assert profile_step.thunk_instruction("custom-call.1.clone__onednn$convolution",
+                                        instrs) == "custom-call.1.clone"
+  assert profile_step.thunk_instruction("ThunkExecutor::Execute", instrs) is None
+  image, kernel = 2 * 8 * 8 * 4 * 4, 3 * 3 * 4 * 4 * 4
+  assert profile_step.touched_bytes(cc, instrs) == (image + 64) + image + kernel
+
+
 @pytest.mark.slow
 def test_memory_sweep_and_render(tmp_path, capsys):
   rows = memory.main(["--models", "", "--depths", "10,16,22", "--sweep-batch", "1"])

@@ -125,11 +125,13 @@ def create_optimizer(config: ml_collections.ConfigDict,
       optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov))
 
 
-# XLA:CPU: oneDNN custom calls for the step's matmuls (in a DenseNet, the 1x1 weight
-# gradients), 1.05-1.09x on the whole step with the same first step bit for bit
-# (docs/performance.md, session 5). Other backends compile with XLA's defaults.
+# XLA:CPU: oneDNN (the library behind torch's CPU kernels) runs the step's contractions --
+# convolutions and matmuls -- and YNNPACK keeps only the reductions it does by default, since
+# YNNPACK's narrow-channel convolutions are the slower ones. 1.12-1.16x on the whole step with the
+# same first-step loss (docs/performance.md, sessions 5 and 6). Other backends use XLA's defaults.
 COMPILER_OPTIONS = {"cpu": {"xla_cpu_use_onednn": True,
-                            "xla_cpu_experimental_onednn_custom_call": True}}
+                            "xla_cpu_experimental_onednn_custom_call": True,
+                            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}}
 
 
 def make_mesh() -> Mesh:
