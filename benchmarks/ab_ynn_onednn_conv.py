@@ -29,7 +29,11 @@ V = {"shipped": shipped,
      "conv_onednn_ynn_eltwise": {**shipped, YNN: f"{DOT},{REDUCE},{ELTWISE}"},
      "ynn_dot_only": {**shipped, YNN: DOT},
      "ynn_reduce_only": {**shipped, YNN: REDUCE},
-     "ynn_off": {**shipped, YNN: ""}}
+     "ynn_off": {**shipped, YNN: ""},
+     # on top of the options shipped after this experiment (YNNPACK: reductions only)
+     "tiling": {**shipped, YNN: REDUCE, "xla_cpu_experimental_enable_tiling_propagation": True},
+     "onednn_eltwise": {**shipped, YNN: REDUCE,
+                        "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_ELTWISE"}}
 only = os.environ.get("VARIANTS")
 if only:
   V = {k: V[k] for k in only.split(",")}

@@ -11,7 +11,8 @@ the time and load average it was measured at. A stage that is not rerun keeps it
 
 Stages: train_step, input_pipeline, peers_torch, peers_keras; memory (compiles only, not
 affected by load) with --full or --stages. --wait-quiet N waits up to N s for the 1-minute
-load to drop below 1 before each timing.
+load to drop below 1 before each timing. --torch-python runs the torch peers with another
+interpreter (torch may be installable only for another Python version than the project's venv).
 """
 
 from __future__ import annotations
@@ -58,13 +59,13 @@ def commands(stage: str, steps: str, full: bool) -> list[list[str]]:
   raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(render.STAGES)}")
 
 
-def run(stage: str, cmd: list[str], wait_quiet: float) -> None:
-  """Runs one measurement and appends its rows (or a failure row) to the stage's file."""
+def run(stage: str, cmd: list[str], wait_quiet: float, python: str = sys.executable) -> None:
+  """Runs one measurement with `python` and appends its rows (or a failure row) to the stage's file."""
   deadline = time.time() + wait_quiet
   while stage != "memory" and os.getloadavg()[0] > 1.0 and time.time() < deadline:
     time.sleep(10)
   print(f"[{stage}] {' '.join(cmd)}", file=sys.stderr, flush=True)
-  out = subprocess.run([sys.executable, os.path.join(HERE, cmd[0]), *cmd[1:]],
+  out = subprocess.run([python, os.path.join(HERE, cmd[0]), *cmd[1:]],
                        capture_output=True, text=True, cwd=_common.REPO)
   rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
   if out.returncode or not rows:
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
   p.add_argument("--steps", default="10", help="timed steps per measurement")
   p.add_argument("--wait-quiet", type=float, default=0.0)
   p.add_argument("--output", default=os.path.join(HERE, "RESULTS.md"))
+  p.add_argument("--torch-python", default=sys.executable,
+                 help="interpreter for the peers_torch stage (default: this one)")
   args = p.parse_args(argv)
   if not args.render_only:
     timings = [s for s in render.STAGES if s != "memory"]
@@ -93,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
       if stage == "memory":  # a full run replaces the rows (they do not depend on load)
         open(os.path.join(RESULTS, "memory.jsonl"), "w").close()
       for cmd in commands(stage, args.steps, args.full):
-        run(stage, cmd, args.wait_quiet)
+        run(stage, cmd, args.wait_quiet,
+            args.torch_python if stage == "peers_torch" else sys.executable)
   with open(args.output, "w") as f:
     f.write(render.render(RESULTS))
   print(f"wrote {args.output}", file=sys.stderr)

@@ -13,6 +13,7 @@ sys.path.insert(0, BENCH)
 import memory  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import render  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import run_all  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # GPU machines have jax, flax, optax, orbax (and torch), but none of these.
 NOT_ON_GPU_MACHINES = ("tensorflow", "tensorflow_datasets", "ml_collections", "clu")
@@ -45,6 +46,24 @@ def test_profile_accounts_for_the_step_by_kind_of_op(capsys):
   assert abs(sum(c["s"] for c in cats.values()) - row["thunk_s_per_step"]) < 1e-2
   assert len(row["top_ops"]) == 5 and all(o["ms"] > 0 for o in row["top_ops"])
   assert all(o["mb"] > 0 for o in row["top_ops"])
+
+
+def test_run_all_runs_the_torch_peers_with_the_interpreter_given(tmp_path, monkeypatch):
+  # torch may exist only for another Python than the project's venv: --torch-python picks it.
+  fake = tmp_path / "python-with-torch"
+  fake.write_text('#!/bin/sh\necho "{\\"bench\\": \\"peer\\", \\"argv\\": \\"$*\\"}"\n')
+  fake.chmod(0o755)
+  monkeypatch.setattr(run_all, "RESULTS", str(tmp_path))
+  run_all.run("peers_torch", run_all.commands("peers_torch", "2", False)[0], 0, str(fake))
+  (row,) = [json.loads(line) for line in (tmp_path / "peers_torch.jsonl").read_text().splitlines()]
+  assert row["bench"] == "peer" and "peers_torch.py --model bc100" in row["argv"]
+  calls = []
+  monkeypatch.setattr(run_all, "run", lambda stage, cmd, wait, python: calls.append((stage, python)))
+  monkeypatch.setattr(render, "render", lambda results: "")
+  run_all.main(["--stages", "train_step,peers_torch", "--torch-python", str(fake),
+                "--output", str(tmp_path / "RESULTS.md")])
+  assert {python for stage, python in calls if stage == "peers_torch"} == {str(fake)}
+  assert {python for stage, python in calls if stage == "train_step"} == {sys.executable}
 
 
 def test_profile_reads_operand_bytes_from_hlo():
