@@ -81,7 +81,11 @@ def classify(info: dict[str, Any] | None, comps) -> str:
     return "unmapped"
   target = re.search(r'custom_call_target="([^"]+)"', info["rest"])
   if info["opcode"] == "custom-call" and target:
-    return target.group(1).lstrip("_").replace("$", " ")  # e.g. "onednn convolution"
+    kind = target.group(1).lstrip("_").replace("$", " ")  # e.g. "onednn convolution"
+    # Named by the filter's window, as native convolutions are ("conv3x3").
+    window = re.search(r'"filter":\{[^}]*"shape":\["(\d+)","(\d+)"', info["rest"])
+    return f"{kind.split()[0]} conv{window.group(1)}x{window.group(2)}" if (
+        kind.endswith("convolution") and window) else kind
   ops = comps.get(info["calls"], []) if info["calls"] else [info]
   opcodes = {o["opcode"] for o in ops}
   for o in ops:

@@ -41,8 +41,10 @@ def test_profile_accounts_for_the_step_by_kind_of_op(capsys):
                            "--top", "5"])
   capsys.readouterr()
   cats = row["categories"]
-  # The tiny BC net still has 3x3 convolutions, 1x1 convolutions as matmuls, BN reductions.
-  assert {"conv3x3", "dot", "reduce fusion"} <= set(cats)
+  # The tiny BC net still has 3x3 convolutions (oneDNN's on CPU), 1x1 convolutions as
+  # matmuls, BN reductions.
+  assert {"dot", "reduce fusion"} <= set(cats)
+  assert any(c.split()[-1] == "conv3x3" for c in cats), cats
   assert abs(sum(c["s"] for c in cats.values()) - row["thunk_s_per_step"]) < 1e-2
   assert len(row["top_ops"]) == 5 and all(o["ms"] > 0 for o in row["top_ops"])
   assert all(o["mb"] > 0 for o in row["top_ops"])

@@ -84,13 +84,27 @@ class _HideOrbaxTracebacks(stdlib_logging.Filter):
     return not (record.levelno >= stdlib_logging.ERROR and "/orbax/" in record.pathname)
 
 
-def _hide_closed_loop_noise(exc_type, exc, tb) -> None:
-  """After a failed background checkpoint write, tensorstore's callbacks can keep reporting
-  'Event loop is closed' from other threads once orbax has torn its loop down; the write's own
-  error reaches `main`, so these are dropped. Everything else prints as usual."""
-  if isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed":
-    return
-  sys.__excepthook__(exc_type, exc, tb)
+def _is_closed_loop_noise(exc: BaseException | None) -> bool:
+  """Whether `exc` is the 'Event loop is closed' error tensorstore's callbacks raise once orbax
+  has torn its loop down after a failed background write (the write's own error reaches
+  `main`)."""
+  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
+
+
+def _hide_closed_loop_noise() -> None:
+  """Drops that noise from both places Python reports it: sys.excepthook, and
+  sys.unraisablehook, where tensorstore's C++ threads send it (PyErr_WriteUnraisable, no
+  object: a bare traceback). Everything else prints as usual."""
+  def excepthook(exc_type, exc, tb) -> None:
+    if not _is_closed_loop_noise(exc):
+      sys.__excepthook__(exc_type, exc, tb)
+
+  def unraisablehook(unraisable) -> None:
+    if not _is_closed_loop_noise(unraisable.exc_value):
+      sys.__unraisablehook__(unraisable)
+
+  sys.excepthook = excepthook
+  sys.unraisablehook = unraisablehook
 
 
 def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
@@ -100,7 +114,7 @@ def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.get_absl_handler().addFilter(_HideOrbaxTracebacks())
-    sys.excepthook = _hide_closed_loop_noise
+    _hide_closed_loop_noise()
   if FLAGS.workdir is None:
     raise errors.ConfigError("--workdir is required (a directory for checkpoints and metrics), "
                              "e.g. --workdir=/tmp/run.")
@@ -155,7 +169,7 @@ def main(argv: list[str]) -> None:
 
 def _exit_now(code: int) -> None:
   """Exits without interpreter finalization, where tensorstore's threads can still print
-  'Event loop is closed' tracebacks after a failed write (sys.excepthook is gone by then);
+  'Event loop is closed' tracebacks after a failed write (the hooks are gone by then);
   checkpoints and metrics are closed by now, so only the distributed runtime needs a shutdown."""
   if jax.distributed.is_initialized():
     jax.distributed.shutdown()
