@@ -82,10 +82,11 @@ def classify(info: dict[str, Any] | None, comps) -> str:
   target = re.search(r'custom_call_target="([^"]+)"', info["rest"])
   if info["opcode"] == "custom-call" and target:
     kind = target.group(1).lstrip("_").replace("$", " ")  # e.g. "onednn convolution"
-    # Named by the filter's window, as native convolutions are ("conv3x3").
+    # A library convolution is named by its filter's window, as native ones are ("conv3x3").
     window = re.search(r'"filter":\{[^}]*"shape":\["(\d+)","(\d+)"', info["rest"])
-    return f"{kind.split()[0]} conv{window.group(1)}x{window.group(2)}" if (
-        kind.endswith("convolution") and window) else kind
+    if kind.endswith(" convolution") and window:
+      return f"{kind.removesuffix('convolution')}conv{window.group(1)}x{window.group(2)}"
+    return kind
   ops = comps.get(info["calls"], []) if info["calls"] else [info]
   opcodes = {o["opcode"] for o in ops}
   for o in ops:
