@@ -22,9 +22,6 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import _common  # pylint: disable=g-import-not-at-top,wrong-import-position
-from train import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-host_memory.keep_freed_memory()  # as the trainer does, before JAX starts threads
 
 # The fields of configs/default.py that create_optimizer and make_train_step read.
 STEP_CONFIG = types.SimpleNamespace(weight_decay=1e-4, momentum=0.9, nesterov=True,

@@ -16,10 +16,6 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF loads: no C++ info spam
 
-from train import host_memory  # pylint: disable=g-import-not-at-top,wrong-import-position
-
-host_memory.keep_freed_memory()  # before JAX and TF start threads
-
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags
 
