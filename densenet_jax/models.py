@@ -13,8 +13,8 @@ The defaults are fast versions of nn.Conv and nn.BatchNorm that compute the same
 (tests/test_reference.py holds the model equal to a textbook one; docs/performance.md has the
 measurements): `BatchNorm` normalises a block's concatenated maps from moments computed once
 per map (`DenseFeatures`), `Conv` runs 1x1 kernels as matmuls on the backends where that is
-faster (`conv_1x1_as_matmul`), and each block's gradients accumulate layer by layer, which
-makes `memory_efficient=True` linear in depth.
+faster, and on XLA:CPU each block's gradients accumulate layer by layer. What each backend
+gets is chosen in one table, densenet_jax.backends.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from densenet_jax import backends
+
 Array = jax.Array
 ModuleDef = Any
 
@@ -39,17 +41,6 @@ he_normal = nn.initializers.variance_scaling(2.0, "fan_in", "normal")
 STEMS = ("cifar", "imagenet")
 
 
-def conv_1x1_as_matmul(backend: str | None = None) -> bool:
-  """Whether `Conv` runs 1x1 kernels as matmuls on `backend` (default: JAX's default backend).
-
-  The one backend-specific choice of the model. XLA:CPU lowers a 1x1 convolution's weight
-  gradient as a convolution whose window is the whole image, several times slower than the
-  same contraction as a GEMM (docs/performance.md); GPU and TPU convolution emitters are
-  left to do what they do well.
-  """
-  return (backend or jax.default_backend()) == "cpu"
-
-
 def _pair(v: int | Sequence[int]) -> tuple[int, ...]:
   return (v, v) if isinstance(v, int) else tuple(v)
 
@@ -58,17 +49,17 @@ class Conv(nn.Conv):
   """nn.Conv with torchvision's defaults (no bias, He-normal init); 1x1 kernels as matmuls.
 
   The matmul computes the same contraction with the same `kernel` parameter; it is used where
-  `conv_1x1_as_matmul` says it is faster, or as `matmul_1x1` forces.
+  the backend's fast path says it is faster (densenet_jax.backends), or as `matmul_1x1` forces.
   """
 
   use_bias: bool = False
   kernel_init: Callable[..., Array] = he_normal
-  matmul_1x1: bool | None = None  # None: conv_1x1_as_matmul() decides
+  matmul_1x1: bool | None = None  # None: backends.fast_path() decides
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Convolves NHWC `x` with an HWIO kernel."""
-    as_matmul = conv_1x1_as_matmul() if self.matmul_1x1 is None else self.matmul_1x1
+    as_matmul = backends.fast_path().matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1
     pointwise = (_pair(self.kernel_size) == (1, 1) and _pair(self.strides) == (1, 1)
                  and self.padding in ("SAME", "VALID", 0) and self.feature_group_count == 1
                  and _pair(self.input_dilation or 1) == (1, 1) and self.mask is None
@@ -224,16 +215,18 @@ class DenseBlock(nn.Module):
   conv: ModuleDef
   norm: ModuleDef
   act: Callable[[Array], Array]
+  layer_barrier: bool = False
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Maps m0 channels to m0 + num_layers * growth_rate channels."""
     features = DenseFeatures.start(x, self.norm, train)
     for i in range(self.num_layers):
-      # The barrier's transpose is a barrier on the gradients: each map's gradient is then
-      # accumulated layer by layer. Without it, XLA sums it over all later layers in one
-      # fusion that keeps every later layer's input gradient alive (O(L^2) memory).
-      features = jax.lax.optimization_barrier(features)
+      if self.layer_barrier:
+        # The barrier's transpose is a barrier on the gradients: each map's gradient is then
+        # accumulated layer by layer. Without it, XLA:CPU sums it over all later layers in
+        # one fusion that keeps every later layer's input gradient alive (O(L^2) memory).
+        features = jax.lax.optimization_barrier(features)
       layer = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.memory_efficient,
                          self.conv, self.norm, self.act, name=f"denselayer{i + 1}")
       features = features.append(layer(features, train))
@@ -289,6 +282,9 @@ class DenseNet(nn.Module):
       bn_momentum and bn_axis_name, unless its partial sets them (nn.BatchNorm and
       nn.GroupNorm work; only `BatchNorm` shares moments within a block).
     act: the activation after every norm.
+    matmul_1x1: run 1x1 convolutions as matmuls (None: the backend's fast path decides).
+    layer_barrier: an optimization barrier before every dense layer (None: the backend's
+      fast path decides; densenet_jax.backends says why each backend wants it or not).
   """
 
   growth_rate: int = 32
@@ -310,6 +306,8 @@ class DenseNet(nn.Module):
   conv: ModuleDef = Conv
   norm: ModuleDef = BatchNorm
   act: Callable[[Array], Array] = nn.relu
+  matmul_1x1: bool | None = None
+  layer_barrier: bool | None = None
 
   def __post_init__(self) -> None:
     _check_config(self)
@@ -343,8 +341,11 @@ class DenseNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array | dict[str, Array]:
     """Logits (N, num_classes), pooled features if num_classes == 0, or stage maps."""
     self._check_input(x)
+    fast = backends.fast_path()
     conv = _configure(self.conv, dtype=self.dtype, param_dtype=self.param_dtype,
-                      use_bias=False, kernel_init=he_normal)
+                      use_bias=False, kernel_init=he_normal,
+                      matmul_1x1=fast.matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1)
+    layer_barrier = fast.layer_barrier if self.layer_barrier is None else self.layer_barrier
     norm_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.bn_epsilon)
     if "use_running_average" in _fields(self.norm):  # batch statistics, not per example
       norm_options |= dict(use_running_average=not train, momentum=self.bn_momentum,
@@ -365,7 +366,8 @@ class DenseNet(nn.Module):
     channels = self.block_channels()
     for i, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
-                     self.memory_efficient, conv, norm, act, name=f"denseblock{i + 1}")(x, train)
+                     self.memory_efficient, conv, norm, act, layer_barrier=layer_barrier,
+                     name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
         x = Transition(channels[i][1], self.drop_rate, conv, norm, act,

@@ -1,8 +1,14 @@
 """Shared pytest setup."""
 
 import importlib.util
+import os
 
-import jax
+# libtpu (the planner's compiler) is installed for the tests; with no TPU attached, keep every
+# test process and its children on the CPU, without libtpu's start-up warnings on stderr.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+
+import jax  # pylint: disable=g-import-not-at-top
 import pytest
 
 # XLA:CPU compiles the partitionable threefry kernels ~10x slower (BC-100 init: 112 s vs 12 s

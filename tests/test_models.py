@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from densenet_jax import losses, models, summary
+from densenet_jax import backends, losses, models, summary
 
 EXACT_PARAMS = {
     ("densenet_bc_100", 10): 769_162,
@@ -388,7 +388,7 @@ def test_conv_as_matmul_equals_convolution(kernel, strides):
   np.testing.assert_allclose(as_dot.apply(v, x), as_conv.apply(v, x), rtol=1e-5, atol=1e-5)
   jaxpr = str(jax.make_jaxpr(as_dot.apply)(v, x))
   assert ("dot_general" in jaxpr) == (kernel == (1, 1) and strides == (1, 1))
-  assert models.conv_1x1_as_matmul("cpu") and not models.conv_1x1_as_matmul("gpu")
+  assert backends.fast_path("cpu").matmul_1x1 and not backends.fast_path("cuda").matmul_1x1
 
 
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])

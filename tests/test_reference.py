@@ -30,6 +30,12 @@ CASES = {
                                                    memory_efficient=True),
     "bc_convolutions_not_matmuls": dict(depth=22, growth_rate=4, num_classes=5,
                                         conv=functools.partial(models.Conv, matmul_1x1=False)),
+    # the TPU/GPU fast path (densenet_jax.backends): no per-layer barrier, 1x1 convolutions
+    "bc_accelerator_fast_path": dict(depth=22, growth_rate=4, num_classes=5, matmul_1x1=False,
+                                     layer_barrier=False),
+    "bc_accelerator_fast_path_memory_efficient": dict(
+        depth=22, growth_rate=4, num_classes=5, matmul_1x1=False, layer_barrier=False,
+        memory_efficient=True),
 }
 IMAGENET = {"imagenet": {}, "imagenet_plain_flax_modules": dict(norm=nn.BatchNorm, conv=nn.Conv)}
 
@@ -59,8 +65,11 @@ def _randomised_variables(model, x):
   return jax.tree_util.tree_unflatten(tree, out)
 
 
-@pytest.mark.parametrize("case", ["bc", *(pytest.param(c, marks=pytest.mark.slow)
-                                          for c in [*CASES, *IMAGENET] if c != "bc")])
+FAST = ("bc", "bc_accelerator_fast_path")
+
+
+@pytest.mark.parametrize("case", [*FAST, *(pytest.param(c, marks=pytest.mark.slow)
+                                          for c in [*CASES, *IMAGENET] if c not in FAST)])
 def test_library_equals_textbook_densenet(case):
   model, x = _models(case)
   reference = ReferenceDenseNet(model)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from configs import default
-from densenet_jax import models
+from densenet_jax import backends, models
 from train import checkpointing, input_pipeline, train
 from train import step as step_lib
 
@@ -282,8 +282,9 @@ def test_cpu_step_compiles_with_onednn_and_gives_the_same_result(monkeypatch):
   batch = step_lib.global_batch(mesh, {"image": rng.standard_normal((8, 16, 16, 3), np.float32),
                                        "label": rng.integers(0, 10, 8).astype(np.int32)})
   results = {}
-  for name, options in (("onednn", step_lib.COMPILER_OPTIONS), ("plain", {})):
-    monkeypatch.setattr(step_lib, "COMPILER_OPTIONS", options)
+  for name, options in (("onednn", backends.FAST_PATHS["cpu"]), ("plain", backends.FastPath(
+      matmul_1x1=True, layer_barrier=True))):
+    monkeypatch.setitem(backends.FAST_PATHS, "cpu", options)
     state = step_lib.create_train_state(model, tx, (8, 16, 16, 3), jax.random.key(0))
     step = step_lib.make_train_step(model, tx, config, mesh)
     compiled = step.lower(state, batch).compile()  # compiled once, inspected and run

@@ -11,7 +11,6 @@ import contextlib
 import errno
 import logging as stdlib_logging
 import os
-import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF loads: no C++ info spam
@@ -22,7 +21,7 @@ from ml_collections import config_flags
 import jax
 
 from densenet_jax import pretrained
-from train import distributed, errors, preemption, train
+from train import cli, distributed, errors, preemption, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -179,25 +178,5 @@ def _exit_now(code: int) -> None:
   os._exit(code)
 
 
-def _parse_flags(argv: list[str]) -> list[str]:
-  """absl flag parsing whose errors (a typo in a config field, say) are one clean line."""
-  if any(a in ("-h", "--help", "-?") for a in argv[1:]):
-    print(__doc__.strip() + "\n\nflags:\n" + FLAGS.main_module_help())
-    sys.exit(0)
-  try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
-    text = str(e)
-    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: no such field
-      raw = str(e.args[0] if e.args else e)
-      name = re.search(r"\w+", raw)
-      hint = re.search(r"Did you mean.*", raw.replace("\\n", "\n"))
-      text = (f"no config field '{name.group(0) if name else raw}'. "
-              f"{hint.group(0).rstrip(chr(39)) if hint else ''}").strip()
-    print(f"error: {text}\nSee the fields with --print_config, the flags with --help.",
-          file=sys.stderr)
-    sys.exit(2)
-
-
 if __name__ == "__main__":
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__))

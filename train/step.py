@@ -6,7 +6,7 @@ so the step builds and benchmarks on any machine with an accelerator.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import flax
 import jax
@@ -17,7 +17,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from densenet_jax import losses, models, pretrained
+from densenet_jax import backends, losses, models, pretrained
 from train import errors
 
 if TYPE_CHECKING:
@@ -36,10 +36,14 @@ class TrainState:
   opt_state: Any
 
 
-def create_model(config: ml_collections.ConfigDict, num_classes: int,
-                 channels: int) -> models.DenseNet:
-  """The configured preset with the dataset's classes/channels and the run's numerics."""
+def create_model(config: ml_collections.ConfigDict, num_classes: int, channels: int,
+                 platform: str | None = None) -> models.DenseNet:
+  """The configured preset with the dataset's classes/channels, the run's numerics and the
+  fast path of `platform` (default: JAX's default backend), unless the overrides set it."""
+  fast = backends.fast_path(platform)
   overrides = dict(config.model_overrides)
+  overrides.setdefault("matmul_1x1", fast.matmul_1x1)
+  overrides.setdefault("layer_barrier", fast.layer_barrier)
   overrides.setdefault("num_classes", num_classes)
   overrides.setdefault("in_channels", channels)
   if config.init_from:  # e.g. Keras weights need Keras' BatchNorm epsilon
@@ -125,19 +129,35 @@ def create_optimizer(config: ml_collections.ConfigDict,
       optax.sgd(lr_fn, momentum=config.momentum or None, nesterov=config.nesterov))
 
 
-# XLA:CPU: oneDNN (the library behind torch's CPU kernels) runs the step's contractions --
-# convolutions and matmuls -- and YNNPACK keeps only the reductions it does by default, since
-# YNNPACK's narrow-channel convolutions are the slower ones. 1.12-1.16x on the whole step with the
-# same first-step loss (docs/performance.md, sessions 5 and 6). Other backends use XLA's defaults.
-COMPILER_OPTIONS = {"cpu": {"xla_cpu_use_onednn": True,
-                            "xla_cpu_experimental_onednn_custom_call": True,
-                            "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}}
+def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """A 1-D data-parallel mesh over `devices` (default: every device of every process).
 
-
-def make_mesh() -> Mesh:
-  """A 1-D data-parallel mesh over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (AXIS,),
+  The planner passes the devices of a TPU topology that is not attached (train.plan).
+  """
+  return Mesh(np.asarray(jax.devices() if devices is None else devices), (AXIS,),
               axis_types=(jax.sharding.AxisType.Auto,))
+
+
+def abstract_train_state(model: models.DenseNet, tx: optax.GradientTransformation,
+                         input_shape: tuple[int, ...], mesh: Mesh, seed: int) -> TrainState:
+  """The train state's shapes, dtypes and (replicated) shardings, computing nothing."""
+  replicated = NamedSharding(mesh, P())
+  return jax.tree_util.tree_map(
+      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
+      jax.eval_shape(lambda rng: create_train_state(model, tx, input_shape, rng),
+                     jax.random.key(seed)))
+
+
+def abstract_batch(mesh: Mesh, batch_size: int, image_shape: tuple[int, ...],
+                   eval_batch: bool = False) -> dict[str, jax.ShapeDtypeStruct]:
+  """The global batch the input pipeline feeds (`global_batch`), as sharded shapes."""
+  sharding = NamedSharding(mesh, P(AXIS))
+  batch = {"image": jax.ShapeDtypeStruct((batch_size, *image_shape), jnp.float32,
+                                         sharding=sharding),
+           "label": jax.ShapeDtypeStruct((batch_size,), jnp.int32, sharding=sharding)}
+  if eval_batch:
+    batch["mask"] = jax.ShapeDtypeStruct((batch_size,), jnp.float32, sharding=sharding)
+  return batch
 
 
 def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
@@ -173,7 +193,7 @@ def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0,
-                 compiler_options=COMPILER_OPTIONS.get(mesh.devices.flat[0].platform, {}))
+                 compiler_options=backends.fast_path(mesh.devices.flat[0].platform).compiler_options)
 
 
 def make_eval_step(model: models.DenseNet, mesh: Mesh

@@ -23,7 +23,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from densenet_jax import models
 from train import checkpointing, errors, preemption as preemption_lib, validation, workdir as workdir_lib
-from train.step import (TrainState, create_model, create_optimizer, create_train_state,
+from train.step import (TrainState, abstract_train_state, create_model, create_optimizer, create_train_state,
                         global_batch, learning_rate_fn, lr_boundaries, make_eval_step, make_mesh,
                         make_train_step, warm_start, warmup_steps)
 
@@ -108,9 +108,7 @@ def restore_or_initialize(run: Run, ckpt: checkpointing.Checkpointer
   config, replicated = run.config, NamedSharding(run.mesh, P())
   input_shape = (1, config.image_size, config.image_size, run.info.channels)
   init = lambda rng: create_train_state(run.model, run.tx, input_shape, rng)
-  abstract = jax.tree_util.tree_map(
-      lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=replicated),
-      jax.eval_shape(init, jax.random.key(config.seed)))
+  abstract = abstract_train_state(run.model, run.tx, input_shape, run.mesh, config.seed)
   restored = ckpt.restore(abstract, run.identity())
   if restored is not None:
     return restored

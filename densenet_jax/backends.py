@@ -1,0 +1,56 @@
+"""The speed choices that differ per backend, in one table that the model and the trainer read.
+
+Every choice computes the same function (tests/test_reference.py holds each combination equal
+to a textbook DenseNet); they differ only in what each compiler makes fast. They were measured
+on XLA:CPU with timed steps and on TPU with the compiler's own per-chip HBM bytes and memory
+from ahead-of-time compiles (`python -m train.plan`); docs/performance.md has the figures.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPath:
+  """How the model and the step are built for one backend.
+
+  Attributes:
+    matmul_1x1: run 1x1 convolutions as matmuls (`DenseNet.matmul_1x1`). XLA:CPU lowers a 1x1
+      convolution's weight gradient as a whole-image-window convolution, several times
+      slower than the same contraction as a GEMM.
+    layer_barrier: an `optimization_barrier` before every dense layer (`DenseNet.layer_barrier`).
+      On XLA:CPU it keeps each map's gradient accumulating layer by layer (without it, one
+      fusion sums it over all later layers and keeps their input gradients alive); on TPU it
+      forces every layer's concatenation into HBM and back.
+    compiler_options: XLA options for the train step's `jax.jit`.
+  """
+
+  matmul_1x1: bool
+  layer_barrier: bool
+  compiler_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+FAST_PATHS = {
+    # oneDNN (torch's CPU kernels) runs convolutions and matmuls; YNNPACK keeps only the
+    # reductions, its narrow-channel convolutions being the slower ones (1.12-1.16x per step).
+    "cpu": FastPath(matmul_1x1=True, layer_barrier=True, compiler_options={
+        "xla_cpu_use_onednn": True,
+        "xla_cpu_experimental_onednn_custom_call": True,
+        "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
+    "tpu": FastPath(matmul_1x1=False, layer_barrier=False),
+    "gpu": FastPath(matmul_1x1=False, layer_barrier=False),
+}
+
+
+def platform_kind(platform: str) -> str:
+  """'cpu', 'tpu' or 'gpu' for a JAX platform name ('cuda' and 'rocm' are GPUs)."""
+  return "gpu" if platform in ("cuda", "rocm", "gpu") else platform
+
+
+def fast_path(platform: str | None = None) -> FastPath:
+  """The choices for `platform` (default: JAX's default backend); unknown ones get the GPU's."""
+  return FAST_PATHS.get(platform_kind(platform or jax.default_backend()), FAST_PATHS["gpu"])
