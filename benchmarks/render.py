@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 import _common
 
-STAGES = ("train_step", "memory", "input_pipeline", "peers_torch", "peers_keras")
+STAGES = ("train_step", "memory", "input_pipeline", "peers_torch", "peers_keras", "accelerator")
 Column = tuple[str, Callable[[dict[str, Any]], Any]]
 
 
@@ -50,6 +50,8 @@ def render(results: str) -> str:
                lambda r: (r["pipeline"], r.get("threads")))
   resumes = load(results, "input_pipeline", "input_pipeline_resume",
                  lambda r: (r["pipeline"], r["examples"], r["rev"], r["skipped_examples"] > 0))
+  plans = load(results, "accelerator", "accelerator_plan",
+               lambda r: (r["model"], r["topology"], r["variant"], r["memory_efficient"]))
   m = _common.machine()
   out = [
       "# densenet-jax benchmarks", "",
@@ -115,4 +117,21 @@ def render(results: str) -> str:
                   col("skipped_examples", "skipped examples"),
                   col("first_batch_s", "first batch s"), ("load", load_col), col("measured")],
                  resumes), ""]
+  gib = lambda key: lambda r: r[key] / 2**30 if key in r else "does not fit"
+  out += ["## Train step on TPU (compiler estimates)", "",
+          "`accelerator_plan.py`: the trainer's train step compiled ahead of time for a TPU slice "
+          "by `python -m train.plan` (libtpu, no TPU): per-chip figures from the TPU compiler's "
+          "`memory_analysis()` and `cost_analysis()`, exact for the compiled program and not "
+          "measurements on hardware. Roofline: max(flops / bf16 peak, bytes / HBM bandwidth) "
+          "per step, with the chip figures cited in `train/plan.py`. `shipped`: the model as the "
+          "trainer builds it for a TPU; `cpu_choices`: the same with the CPU fast path; "
+          "`textbook`: tests/reference_densenet.py. Compile CPU-s are this machine's.", "",
+          *table([col("model"), col("topology"), col("variant"), col("dtype"),
+                  col("memory_efficient"), col("per_chip_batch", "batch/chip"),
+                  ("temp GiB", gib("per_chip_temp_bytes")),
+                  ("HBM held GiB", gib("per_chip_peak_bytes")),
+                  ("GFLOP/image", lambda r: r.get("flops_per_image", 0) / 1e9),
+                  ("MB/image", lambda r: r.get("bytes_accessed_per_image", 0) / 1e6),
+                  col("roofline_images_per_s", "roofline img/s/chip"), col("bound"),
+                  col("compile_cpu_seconds", "compile CPU-s"), col("measured")], plans), ""]
   return "\n".join(out)

@@ -5,12 +5,13 @@ benchmarks/results/<stage>.jsonl; RESULTS.md shows the newest row of every confi
 the time and load average it was measured at. A stage that is not rerun keeps its rows.
 
     python benchmarks/run_all.py                        # timings (~30 min on 2 quiet cores)
-    python benchmarks/run_all.py --full                 # + memory, torch.compile (~60 min more)
+    python benchmarks/run_all.py --full                 # + memory, torch.compile, TPU plans
+    python benchmarks/run_all.py --stages accelerator   # TPU plans only (~1 h, needs libtpu)
     python benchmarks/run_all.py --stages train_step    # refresh some stages
     python benchmarks/run_all.py --render-only          # rewrite RESULTS.md from the rows
 
-Stages: train_step, input_pipeline, peers_torch, peers_keras; memory (compiles only, not
-affected by load) with --full or --stages. --wait-quiet N waits up to N s for the 1-minute
+Stages: train_step, input_pipeline, peers_torch, peers_keras; memory and accelerator (compiles
+only, not affected by load) with --full or --stages. --wait-quiet N waits up to N s for the 1-minute
 load to drop below 1 before each timing. --torch-python runs the torch peers with another
 interpreter (torch may be installable only for another Python version than the project's venv).
 """
@@ -41,6 +42,14 @@ TORCH_PEERS = [(model, batch, mode) for model, batch in (("bc100", 64), ("densen
 TORCH_COMPILE = [("bc100", 64, "compile_nchw"), ("bc100", 64, "compile_channels_last")]
 
 
+# The shipped configs on TPU: ours as built for a TPU, with the CPU choices, and the textbook
+# model (the compiles take ~2-7 CPU-minutes each; not part of the default timings).
+ACCELERATOR = ([(c, t, v, False) for c in ("imagenet_densenet121", "cifar_bc")
+                for t in ("v5e:2x2", "v6e:2x2") for v in ("shipped", "textbook")] +
+               [(c, "v5e:2x2", "cpu_choices", False) for c in ("imagenet_densenet121", "cifar_bc")] +
+               [(c, "v5e:2x2", "shipped", True) for c in ("imagenet_densenet121", "cifar_bc")])
+
+
 def commands(stage: str, steps: str, full: bool) -> list[list[str]]:
   """The subprocess command lines of one stage."""
   timed = ["--steps", steps, "--warmup", WARMUP]
@@ -56,6 +65,9 @@ def commands(stage: str, steps: str, full: bool) -> list[list[str]]:
             for m, b, mode in TORCH_PEERS + (TORCH_COMPILE if full else [])]
   if stage == "peers_keras":
     return [["peers_keras.py", "--batch", "8", *timed]]
+  if stage == "accelerator":
+    return [["accelerator_plan.py", "--config", c, "--topology", t, "--variant", v,
+             *(["--memory-efficient"] if e else [])] for c, t, v, e in ACCELERATOR]
   raise ValueError(f"unknown stage {stage!r}; stages: {', '.join(render.STAGES)}")
 
 
@@ -90,8 +102,9 @@ def main(argv: list[str] | None = None) -> None:
                  help="interpreter for the peers_torch stage (default: this one)")
   args = p.parse_args(argv)
   if not args.render_only:
-    timings = [s for s in render.STAGES if s != "memory"]
-    stages = args.stages.split(",") if args.stages else timings + ["memory"] * args.full
+    timings = [s for s in render.STAGES if s not in ("memory", "accelerator")]
+    stages = (args.stages.split(",") if args.stages
+              else timings + ["memory", "accelerator"] * args.full)
     for stage in stages:
       if stage == "memory":  # a full run replaces the rows (they do not depend on load)
         open(os.path.join(RESULTS, "memory.jsonl"), "w").close()

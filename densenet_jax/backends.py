@@ -26,11 +26,15 @@ class FastPath:
       On XLA:CPU it keeps each map's gradient accumulating layer by layer (without it, one
       fusion sums it over all later layers and keeps their input gradients alive); on TPU it
       forces every layer's concatenation into HBM and back.
+    channel_group: concatenate a block's new maps into groups of this many channels (0: keep
+      one array per map; `DenseNet.channel_group`). A TPU pads every array's channel (lane)
+      dimension to 128, so narrow maps stored alone move several times their size.
     compiler_options: XLA options for the train step's `jax.jit`.
   """
 
   matmul_1x1: bool
   layer_barrier: bool
+  channel_group: int = 0
   compiler_options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
@@ -41,7 +45,7 @@ FAST_PATHS = {
         "xla_cpu_use_onednn": True,
         "xla_cpu_experimental_onednn_custom_call": True,
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
-    "tpu": FastPath(matmul_1x1=False, layer_barrier=False),
+    "tpu": FastPath(matmul_1x1=False, layer_barrier=False, channel_group=128),
     "gpu": FastPath(matmul_1x1=False, layer_barrier=False),
 }
 

@@ -94,21 +94,32 @@ class DenseFeatures:
   map's (mean, mean of squares) once, when it is appended, replaces every layer re-reducing
   its whole concatenated input -- O(L) reductions per block instead of O(L^2). `BatchNorm`
   normalises a `DenseFeatures` from these moments; other norms read `concat()`.
+
+  With `group` set, new maps are concatenated onto the last map until it holds `group`
+  channels: a TPU pads the channel (lane) dimension of every array to 128, so a k=12 map
+  alone occupies (and moves) 128 channels, while a group of ten such maps fills one tile.
   """
 
   maps: tuple[Array, ...]
   moments: tuple[Array, ...] | None  # one (2, C_i) per map; None when nothing reads them
+  group: int | None = flax.struct.field(pytree_node=False, default=None)
 
   @classmethod
-  def start(cls, x: Array, norm: ModuleDef, train: bool) -> DenseFeatures:
+  def start(cls, x: Array, norm: ModuleDef, train: bool,
+            group: int | None = None) -> DenseFeatures:
     """The block input as the first map; moments are kept when training with a `BatchNorm`."""
     shared = train and issubclass(_module_class(norm), BatchNorm)
-    return cls((x,), (batch_moments(x),) if shared else None)
+    return cls((x,), (batch_moments(x),) if shared else None, group)
 
   def append(self, y: Array) -> DenseFeatures:
     """These maps followed by `y` (and its moments, if moments are kept)."""
     moments = None if self.moments is None else (*self.moments, batch_moments(y))
-    return DenseFeatures((*self.maps, y), moments)
+    maps = (*self.maps, y)
+    if self.group and self.maps[-1].shape[-1] + y.shape[-1] <= self.group:
+      maps = (*self.maps[:-1], jnp.concatenate(self.maps[-1:] + (y,), axis=-1))
+      if moments is not None:
+        moments = (*moments[:-2], jnp.concatenate(moments[-2:], axis=-1))
+    return DenseFeatures(maps, moments, self.group)
 
   def concat(self) -> Array:
     """The maps concatenated along channels."""
@@ -216,11 +227,12 @@ class DenseBlock(nn.Module):
   norm: ModuleDef
   act: Callable[[Array], Array]
   layer_barrier: bool = False
+  channel_group: int | None = None
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Maps m0 channels to m0 + num_layers * growth_rate channels."""
-    features = DenseFeatures.start(x, self.norm, train)
+    features = DenseFeatures.start(x, self.norm, train, self.channel_group)
     for i in range(self.num_layers):
       if self.layer_barrier:
         # The barrier's transpose is a barrier on the gradients: each map's gradient is then
@@ -285,6 +297,8 @@ class DenseNet(nn.Module):
     matmul_1x1: run 1x1 convolutions as matmuls (None: the backend's fast path decides).
     layer_barrier: an optimization barrier before every dense layer (None: the backend's
       fast path decides; densenet_jax.backends says why each backend wants it or not).
+    channel_group: keep a block's new maps concatenated in groups of up to this many channels
+      (0: one array per map; None: the backend's fast path decides).
   """
 
   growth_rate: int = 32
@@ -308,6 +322,7 @@ class DenseNet(nn.Module):
   act: Callable[[Array], Array] = nn.relu
   matmul_1x1: bool | None = None
   layer_barrier: bool | None = None
+  channel_group: int | None = None
 
   def __post_init__(self) -> None:
     _check_config(self)
@@ -346,6 +361,7 @@ class DenseNet(nn.Module):
                       use_bias=False, kernel_init=he_normal,
                       matmul_1x1=fast.matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1)
     layer_barrier = fast.layer_barrier if self.layer_barrier is None else self.layer_barrier
+    group = fast.channel_group if self.channel_group is None else self.channel_group
     norm_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.bn_epsilon)
     if "use_running_average" in _fields(self.norm):  # batch statistics, not per example
       norm_options |= dict(use_running_average=not train, momentum=self.bn_momentum,
@@ -367,7 +383,7 @@ class DenseNet(nn.Module):
     for i, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
                      self.memory_efficient, conv, norm, act, layer_barrier=layer_barrier,
-                     name=f"denseblock{i + 1}")(x, train)
+                     channel_group=group or None, name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
         x = Transition(channels[i][1], self.drop_rate, conv, norm, act,

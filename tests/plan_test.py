@@ -66,15 +66,18 @@ def test_plan_equals_an_independent_compile_of_the_same_step():
 
 @pytest.mark.slow
 def test_oversized_batch_does_not_fit_and_the_largest_fitting_batch_is_bracketed():
-  per_chip = 400_000  # ~70 KB of activations per 8x8 image: far past v5e's 16 GiB
-  p = plan.plan(tiny_config(batch_size=4 * per_chip), "v5e:2x2", max_batch_compiles=4)
+  # 16x16 images hold ~4x the ~70 KB of an 8x8 one: 250k per chip is far past v5e's 16 GiB
+  # (ImageNet's 1.28M examples make room for the batch).
+  per_chip = 250_000
+  big = dict(dataset="imagenet2012", eval_split="validation", image_size=16)
+  p = plan.plan(tiny_config(batch_size=4 * per_chip, **big), "v5e:2x2", max_batch_compiles=4)
   assert p["fits"] is False and "per_chip_peak_bytes" not in p
   best, over = p["max_per_chip_batch"], p["max_batch_not_fitting"]
   assert 0 < best < per_chip and best % 8 == 0
   assert over is not None and best < over <= per_chip
   assert len(p["max_batch_compiles"]) <= 4
   # The reported batch really fits: the planner at that batch says so.
-  fitting = plan.plan(tiny_config(batch_size=4 * best), "v5e:2x2", max_batch=False)
+  fitting = plan.plan(tiny_config(batch_size=4 * best, **big), "v5e:2x2", max_batch=False)
   assert fitting["fits"] and fitting["per_chip_peak_bytes"] <= fitting["hbm_bytes"]
 
 

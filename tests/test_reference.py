@@ -30,12 +30,13 @@ CASES = {
                                                    memory_efficient=True),
     "bc_convolutions_not_matmuls": dict(depth=22, growth_rate=4, num_classes=5,
                                         conv=functools.partial(models.Conv, matmul_1x1=False)),
-    # the TPU/GPU fast path (densenet_jax.backends): no per-layer barrier, 1x1 convolutions
+    # the TPU fast path (densenet_jax.backends): no per-layer barrier, 1x1 convolutions, maps
+    # grouped (here 3 maps of k=4 per group, the stem's 8 channels alone)
     "bc_accelerator_fast_path": dict(depth=22, growth_rate=4, num_classes=5, matmul_1x1=False,
-                                     layer_barrier=False),
+                                     layer_barrier=False, channel_group=12),
     "bc_accelerator_fast_path_memory_efficient": dict(
         depth=22, growth_rate=4, num_classes=5, matmul_1x1=False, layer_barrier=False,
-        memory_efficient=True),
+        channel_group=12, memory_efficient=True),
 }
 IMAGENET = {"imagenet": {}, "imagenet_plain_flax_modules": dict(norm=nn.BatchNorm, conv=nn.Conv)}
 

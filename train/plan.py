@@ -46,6 +46,7 @@ flags.DEFINE_bool("max_batch", True,
                   "Also find the largest per-chip batch whose train step fits in HBM "
                   "(usually 3 more compiles of the train step).")
 flags.DEFINE_bool("json", False, "Print one JSON object as the last line of the output.")
+flags.DEFINE_string("dump_hlo", None, "A folder for the optimised HLO text of both steps.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +88,7 @@ DATASETS: dict[str, tuple[dict[str, int], int, int]] = {
 }
 
 
-def split_size(dataset: str, split: str) -> int:
+def split_size(dataset: str, split: str, field: str = "train_split") -> int:
   """Examples in a tfds split expression such as 'train', 'train+extra' or 'train[:90%]'."""
   splits = DATASETS[dataset][0]
   total = 0
@@ -95,7 +96,7 @@ def split_size(dataset: str, split: str) -> int:
     m = re.fullmatch(r"\s*(\w+)\s*(?:\[\s*(-?\d+%?)?\s*:\s*(-?\d+%?)?\s*\])?\s*", part)
     if not m or m.group(1) not in splits:
       raise errors.ConfigError(
-          f"--config.train_split/eval_split: cannot size '{split}' of {dataset} (splits: "
+          f"--config.{field}={split}: cannot size this split of {dataset} (splits: "
           f"{', '.join(splits)}).")
     n = splits[m.group(1)]
 
@@ -177,9 +178,10 @@ class OutOfMemory(Exception):
     self.required_bytes = float(found.group(1)) * GiB if found else None
 
 
-def compile_cost(lowerable: Any, *args: Any) -> StepCost:
+def compile_cost(lowerable: Any, *args: Any, hlo_path: str | None = None) -> StepCost:
   """Lowers and compiles `lowerable(*args)` (a jitted function) and reads its analyses.
 
+  `hlo_path` receives the optimised HLO (the fusions, shapes and TPU layouts behind the bytes).
   Raises OutOfMemory when the compiler reports that the step cannot fit in the chip's HBM
   (it rematerialises on its own before it gives up, so this is its verdict, not ours).
   """
@@ -191,6 +193,9 @@ def compile_cost(lowerable: Any, *args: Any) -> StepCost:
       raise OutOfMemory(str(e)) from None
     raise
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  if hlo_path:
+    with open(hlo_path, "w") as f:
+      f.write(compiled.as_text())
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -273,7 +278,7 @@ def largest_fitting_batch(fits_at: Callable[[int], float | None], batch: int,
 
 def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True,
          progress: Callable[[str], None] = lambda _: None, model: Any = None,
-         max_batch_compiles: int = 5) -> dict[str, Any]:
+         max_batch_compiles: int = 5, hlo_dir: str | None = None) -> dict[str, Any]:
   """Compiles the run's train and eval steps for `topology`; every per-chip figure, as a dict.
 
   `model` replaces the configured one (any flax module with the same `apply` signature and
@@ -287,7 +292,7 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
         f"{', '.join(DATASETS)}; plan with one of them at the same image size.")
   _, num_classes, channels = DATASETS[config.dataset]
   num_train = split_size(config.dataset, config.train_split)
-  num_eval = split_size(config.dataset, config.eval_split)
+  num_eval = split_size(config.dataset, config.eval_split, "eval_split")
   chip, devices = tpu_devices(topology, num_slices)
   chips = len(devices)
   processes = len({d.process_index for d in devices})
@@ -306,12 +311,18 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   image = (config.image_size, config.image_size, channels)
   state = step_lib.abstract_train_state(model, tx, (1, *image), mesh, config.seed)
 
-  def train_cost(per_chip: int) -> StepCost:
+  def hlo_path(name: str) -> str | None:
+    if not hlo_dir:
+      return None
+    os.makedirs(hlo_dir, exist_ok=True)
+    return os.path.join(hlo_dir, f"{name}.hlo.txt")
+
+  def train_cost(per_chip: int, hlo: str | None = None) -> StepCost:
     resized = config.copy_and_resolve_references()
     with resized.unlocked():
       resized.batch_size = per_chip * chips
     return compile_cost(step_lib.make_train_step(model, tx, resized, mesh), state,
-                        step_lib.abstract_batch(mesh, per_chip * chips, image))
+                        step_lib.abstract_batch(mesh, per_chip * chips, image), hlo_path=hlo)
 
   per_chip = batches.train // chips
   result: dict[str, Any] = {
@@ -329,7 +340,7 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   progress(f"Compiling the train step for {topology} ({chips} chips, {per_chip} images per "
            f"chip)...")
   try:
-    train: StepCost | None = train_cost(per_chip)
+    train: StepCost | None = train_cost(per_chip, hlo_path("train_step"))
   except OutOfMemory as e:
     train = None
     result.update(fits=False, per_chip_required_bytes=e.required_bytes)
@@ -337,7 +348,8 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   try:
     evaluate: StepCost | None = compile_cost(
         step_lib.make_eval_step(model, mesh), state,
-        step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True))
+        step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True),
+        hlo_path=hlo_path("eval_step"))
   except OutOfMemory as e:
     evaluate = None
     result.update(fits=False, eval_per_chip_required_bytes=e.required_bytes)
@@ -454,7 +466,7 @@ def main(argv: list[str]) -> None:
     sys.exit(2)
   try:
     result = plan(FLAGS.config, FLAGS.topology, FLAGS.num_slices, FLAGS.max_batch,
-                  progress=lambda text: print(text, flush=True))
+                  progress=lambda text: print(text, flush=True), hlo_dir=FLAGS.dump_hlo)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

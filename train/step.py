@@ -44,6 +44,7 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, channels: 
   overrides = dict(config.model_overrides)
   overrides.setdefault("matmul_1x1", fast.matmul_1x1)
   overrides.setdefault("layer_barrier", fast.layer_barrier)
+  overrides.setdefault("channel_group", fast.channel_group)
   overrides.setdefault("num_classes", num_classes)
   overrides.setdefault("in_channels", channels)
   if config.init_from:  # e.g. Keras weights need Keras' BatchNorm epsilon

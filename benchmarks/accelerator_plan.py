@@ -1,0 +1,68 @@
+"""The train step on a TPU that is not here: the planner's per-chip figures for one model variant.
+
+Compiles, ahead of time for a TPU topology (`train.plan`, needs libtpu), the trainer's train
+and eval steps for a config with one of these models and prints one JSON row:
+
+  shipped      the model as the trainer builds it for a TPU (densenet_jax.backends' "tpu" path)
+  cpu_choices  the same preset with the CPU fast path (per-layer barrier, 1x1 as matmul)
+  textbook     the textbook DenseNet the equivalence tests hold the library to
+               (tests/reference_densenet.py: concatenate, nn.BatchNorm, nn.Conv)
+
+    python benchmarks/accelerator_plan.py --config imagenet_densenet121 --topology v5e:2x2
+    python benchmarks/accelerator_plan.py --config cifar_bc --variant textbook --dump-hlo /tmp/h
+
+Every figure is a compiler estimate (memory, flops, HBM bytes accessed), exact for the compiled
+program and independent of this machine's load; compile seconds are this machine's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
+from train import plan as plan_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+from train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+VARIANTS = ("shipped", "cpu_choices", "textbook")
+
+
+def build_model(config, variant: str):
+  """The variant's model for `config`'s dataset, or None for the trainer's own (shipped)."""
+  _, classes, channels = plan_lib.DATASETS[config.dataset]
+  if variant == "shipped":
+    return None
+  if variant == "cpu_choices":
+    return step_lib.create_model(config, classes, channels, platform="cpu")
+  from reference_densenet import ReferenceDenseNet  # pylint: disable=g-import-not-at-top
+  return ReferenceDenseNet(step_lib.create_model(config, classes, channels, platform="tpu"))
+
+
+def main(argv: list[str] | None = None) -> dict:
+  """Plans one variant and prints its JSON row."""
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--config", default="imagenet_densenet121", help="a module of configs/")
+  p.add_argument("--topology", default="v5e:2x2")
+  p.add_argument("--variant", choices=VARIANTS, default="shipped")
+  p.add_argument("--memory-efficient", action="store_true")
+  p.add_argument("--dump-hlo", default=None, help="folder for the optimised HLO of both steps")
+  args = p.parse_args(argv)
+  config = importlib.import_module(f"configs.{args.config}").get_config()
+  config.memory_efficient = args.memory_efficient
+  start = time.time()
+  row = plan_lib.plan(config, args.topology, max_batch=False,
+                      model=build_model(config, args.variant), hlo_dir=args.dump_hlo)
+  row.update(bench="accelerator_plan", config=args.config, variant=args.variant,
+             wall_s=time.time() - start)
+  print(json.dumps(row), flush=True)
+  return row
+
+
+if __name__ == "__main__":
+  main()
