@@ -38,6 +38,10 @@ class Server(http.server.ThreadingHTTPServer):
     self.delay_s = 0.0
     self.honour_range = True
     self.cut_next_at: int | None = None  # send only this many bytes of the next answer
+    self.trickle_s = 0.0  # send the body one byte at a time, this far apart
+    self.send_length = True  # False: no Content-Length, the body ends when the server closes
+    self.endless = False  # after the body, send zeros until the client hangs up
+    self.sent = 0  # body bytes written, over all answers
 
   @property
   def url(self) -> str:
@@ -66,10 +70,22 @@ class Handler(http.server.BaseHTTPRequestHandler):
       self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
     else:
       self.send_response(200)
-    self.send_header("Content-Length", str(len(body) - start))
+    if s.send_length:
+      self.send_header("Content-Length", str(len(body) - start))
     self.end_headers()
     cut, s.cut_next_at = s.cut_next_at, None
-    self.wfile.write(body[start:] if cut is None else body[start:cut])
+    payload = body[start:] if cut is None else body[start:cut]
+    step = 1 if s.trickle_s else max(len(payload), 1)
+    try:
+      for i in range(0, len(payload), step):
+        self.wfile.write(payload[i:i + step])
+        s.sent += len(payload[i:i + step])
+        time.sleep(s.trickle_s)
+      while s.endless:
+        self.wfile.write(bytes(1 << 16))
+        s.sent += 1 << 16
+    except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+      pass
     self.close_connection = True
 
   def log_message(self, *args):
@@ -90,7 +106,10 @@ def server():
 def cache(tmp_path, monkeypatch) -> pathlib.Path:
   root = tmp_path / "cache"
   monkeypatch.setenv(hub.CACHE_ENV, str(root))
-  monkeypatch.delenv(hub.MIRROR_ENV, raising=False)
+  for variable in (hub.MIRROR_ENV, hub.DOWNLOAD_TIMEOUT_ENV, hub.MIN_RATE_ENV,
+                   hub.LOCK_TIMEOUT_ENV):
+    monkeypatch.delenv(variable, raising=False)
+  monkeypatch.setattr(hub, "_warned_prefix", set())  # each test sees its own warnings
   return root
 
 
@@ -113,11 +132,12 @@ def weights() -> tuple[dict, bytes]:
   return flat, safetensors_numpy.save(state_dict)
 
 
-def register(monkeypatch, url: str, data: bytes, digest_len: int = 64) -> hub.Source:
+def register(monkeypatch, url: str, data: bytes, digest_len: int = 64,
+             size: int | None = None) -> hub.Source:
   """Adds NAME to the registry, pinned to data's sha256 (or its prefix, torchvision-style)."""
   digest = hashlib.sha256(data).hexdigest()[:digest_len]
   source = hub.Source("densenet40", "torchvision", url, "sha256", digest, "test",
-                      file_name=FILE)
+                      file_name=FILE, size=size)
   monkeypatch.setitem(hub.REGISTRY, NAME, source)
   return source
 
@@ -321,3 +341,161 @@ def test_readme_table_lists_every_registered_file_and_hash():
   for variable in (hub.CACHE_ENV, hub.MIRROR_ENV):
     assert variable in readme
 
+
+
+# ------------------------------------------------------------------ hostile servers and caches
+
+def test_a_trickling_server_is_cut_off_by_the_overall_deadline(server, cache, monkeypatch):
+  data = bytes(range(256)) * 2
+  server.files["/w.safetensors"] = data
+  server.trickle_s = 0.02  # 50 bytes/s: each socket read is quick, the whole is not
+  register(monkeypatch, server.url + "/w.safetensors", data, size=len(data))
+  monkeypatch.setenv(hub.DOWNLOAD_TIMEOUT_ENV, "1")
+  monkeypatch.setenv(hub.MIN_RATE_ENV, "0")  # off: only the deadline can stop it
+  started = time.monotonic()
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.load(NAME)
+  elapsed = time.monotonic() - started
+  msg = str(e.value)
+  assert elapsed < 5, elapsed
+  assert f"the download took longer than {hub.DOWNLOAD_TIMEOUT_ENV}=1 s" in msg
+  assert "raise it for a slow link" in msg and "partial download is kept" in msg
+  assert 0 < (cache / "downloads" / (FILE + ".part")).stat().st_size < len(data)
+
+
+def test_a_stalled_download_is_abandoned_below_the_minimum_rate(server, cache, monkeypatch):
+  data = bytes(range(256)) * 2
+  server.files["/w.safetensors"] = data
+  server.trickle_s = 0.02
+  register(monkeypatch, server.url + "/w.safetensors", data, size=len(data))
+  monkeypatch.setattr(hub, "STALL_WINDOW_S", 0.5)
+  monkeypatch.setenv(hub.MIN_RATE_ENV, "1000")
+  started = time.monotonic()
+  with pytest.raises(pretrained.WeightsError,
+                     match=rf"stalled at \d+ bytes/s over 0\.[5-9] s, below {hub.MIN_RATE_ENV}=1000; "
+                           r"lower it for a slow link"):
+    pretrained.load(NAME)
+  assert time.monotonic() - started < 5
+  # A silent server is caught by the same window: the socket waits no longer than it.
+  server.trickle_s, server.delay_s = 0.0, 3.0
+  (cache / "downloads" / (FILE + ".part")).unlink()
+  started = time.monotonic()
+  with pytest.raises(pretrained.WeightsError, match="timed out"):
+    pretrained.load(NAME)
+  assert time.monotonic() - started < 2.5
+
+
+@pytest.mark.parametrize("send_length", [False, True])
+def test_a_body_longer_than_the_pinned_size_is_refused_at_size_plus_one(
+    server, cache, weights, monkeypatch, send_length):
+  _, data = weights
+  server.files["/w.safetensors"] = data
+  server.send_length, server.endless = send_length, True  # an endless body
+  register(monkeypatch, server.url + "/w.safetensors", data, size=len(data) - 100)
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.load(NAME)
+  msg = str(e.value)
+  limit = len(data) - 100
+  said = f"announces {len(data)} bytes" if send_length else f"sent {limit + 1} bytes and more"
+  assert f"{server.url}/w.safetensors {said} for {FILE}, more than its pinned size ({limit} " \
+         f"bytes): refused and deleted, nothing cached" in msg
+  assert files_in(cache) == [f"locks/{FILE}.lock"]
+  if not send_length:
+    assert server.sent < len(data) + (64 << 20)  # the server gave up once the client did
+
+
+def test_without_a_pinned_size_the_model_bounds_the_download(server, cache, weights,
+                                                             monkeypatch):
+  _, data = weights
+  server.files["/w.safetensors"] = data
+  server.send_length = False
+  source = register(monkeypatch, server.url + "/w.safetensors", data)
+  assert source.max_bytes() == pretrained.common.size_bound("densenet40")
+  # The real entries: none has a published size pinned, each is bounded by its model.
+  for name in ("densenet121", "keras/densenet121", "densenet201"):
+    real = hub.REGISTRY[name]
+    assert real.size is None
+    assert 32 << 20 <= real.max_bytes() <= 600 << 20, (name, real.max_bytes())
+  monkeypatch.setattr(hub.common, "size_bound", lambda model: 1000)
+  with pytest.raises(pretrained.WeightsError, match=r"sent 1001 bytes and more for .*, more "
+                     r"than the bound for its model \(1000 bytes\)"):
+    pretrained.load(NAME)
+
+
+def test_the_lock_wait_is_bounded_and_names_the_holder(server, cache, weights, monkeypatch):
+  _, data = weights
+  server.files["/w.safetensors"] = data
+  register(monkeypatch, server.url + "/w.safetensors", data)
+  monkeypatch.setenv(hub.LOCK_TIMEOUT_ENV, "0.5")
+  outcome = {}
+
+  def load():
+    try:
+      pretrained.load(NAME)
+    except pretrained.WeightsError as e:
+      outcome["error"] = str(e)
+
+  # flock locks belong to an open file, so a second open in this process is a second holder.
+  with hub._locked(cache / "locks" / f"{FILE}.lock", FILE):
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(timeout=20)
+    assert not thread.is_alive(), "still waiting on the lock after 20 s"
+  msg = outcome["error"]
+  assert f"Waited 0.5 s for {cache / 'locks' / (FILE + '.lock')}, held by pid {os.getpid()} " \
+         f"on {socket.gethostname()} while it fetches {FILE}" in msg
+  assert f"if it is stuck, stop it; to wait longer, raise {hub.LOCK_TIMEOUT_ENV}" in msg
+  assert server.gets == []
+  assert (cache / "locks" / f"{FILE}.lock").read_text() == ""  # released: no stale pid
+  assert_same(pretrained.load(NAME)[1], weights[0])
+
+
+def test_bad_limits_in_the_environment_name_the_variable(cache, weights, monkeypatch):
+  register(monkeypatch, "http://127.0.0.1:9/w.safetensors", weights[1])
+  monkeypatch.setenv(hub.DOWNLOAD_TIMEOUT_ENV, "ten")
+  with pytest.raises(pretrained.WeightsError, match=f"{hub.DOWNLOAD_TIMEOUT_ENV}='ten' is not a"
+                     r" number of seconds or bytes/s >= 0; unset it for the default \(1800\)"):
+    pretrained.load(NAME)
+
+
+def test_prefix_pinned_sources_say_only_a_32_bit_prefix_is_checked(server, cache, weights,
+                                                                   monkeypatch, capsys):
+  flat, data = weights
+  server.files["/w.safetensors"] = data
+  source = register(monkeypatch, server.url + "/w.safetensors", data, digest_len=8)
+  assert_same(pretrained.load(NAME)[1], flat)
+  warning = (f"warning: 'tiny': only a 32-bit sha256 prefix ({source.digest}) is published for "
+             f"{FILE}, so only that much of the file is checked.")
+  err = capsys.readouterr().err
+  assert warning in err.splitlines()
+  assert all(not hub.REGISTRY[n].full_digest for n in ("densenet161", "torchvision/densenet121"))
+  register(monkeypatch, server.url + "/w.safetensors", data)  # the full digest: no warning
+  monkeypatch.setattr(hub, "_warned_prefix", set())
+  pretrained.load(NAME)
+  assert "warning" not in capsys.readouterr().err
+
+
+def test_a_damaged_cached_checkpoint_is_rebuilt_or_named_for_deletion(server, cache, weights,
+                                                                      monkeypatch, capsys):
+  flat, data = weights
+  server.files["/w.safetensors"] = data
+  register(monkeypatch, server.url + "/w.safetensors", data)
+  assert_same(pretrained.load(NAME)[1], flat)
+  checkpoint = cache / "checkpoints" / "tiny-weights.npz"
+  good = checkpoint.read_bytes()
+  checkpoint.write_bytes(good[: len(good) // 2])  # a disk that filled up, a bad copy
+  capsys.readouterr()
+  assert_same(pretrained.load(NAME)[1], flat)
+  assert f"{checkpoint} is damaged; rebuilding it from {cache / 'downloads' / FILE}" in (
+      capsys.readouterr().err)
+  assert checkpoint.read_bytes() == good and len(server.gets) == 1  # no new download
+
+  checkpoint.write_bytes(good[: len(good) // 2])
+  (cache / "downloads" / FILE).unlink()
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.read_checkpoint(NAME)
+  assert f"The cached checkpoint of 'tiny' is damaged (Cannot read {checkpoint}" in str(e.value)
+  assert f"delete {checkpoint} and load 'tiny' again to download and convert it" in str(e.value)
+  checkpoint.unlink()  # as the message says
+  assert_same(pretrained.load(NAME)[1], flat)
+  assert len(server.gets) == 2

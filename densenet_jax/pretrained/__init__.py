@@ -37,7 +37,7 @@ from densenet_jax.pretrained.torchvision import (from_torchvision, read_torchvis
 
 def read_checkpoint(weights: common.PathLike) -> tuple[dict[str, Any], common.Flat]:
   """(metadata, flat arrays) of a checkpoint file or of registered weights by name."""
-  return checkpoint.read(hub.resolve(weights))
+  return hub.resolve_and_read(weights, checkpoint.read)
 
 
 def load(weights: common.PathLike, **overrides: Any
@@ -50,7 +50,7 @@ def load(weights: common.PathLike, **overrides: Any
 def load_with_metadata(weights: common.PathLike, **overrides: Any
                        ) -> tuple[models.DenseNet, common.Variables, dict[str, Any]]:
   """`load` plus the checkpoint's metadata (model, source, bn_epsilon, mean, std, ...)."""
-  return checkpoint.load(hub.resolve(weights), **overrides)
+  return hub.resolve_and_read(weights, lambda path: checkpoint.load(path, **overrides))
 
 
 __all__ = [

@@ -18,12 +18,33 @@ Flat = dict[str, np.ndarray]  # '/'-joined Flax variable path -> array
 Variables = dict[str, Any]
 PathLike = str | os.PathLike
 T = TypeVar("T")
+# More classes than any DenseNet head in use (ImageNet-21k has 21,841); a file claiming more
+# is refused before its arrays are read, so a forged classifier shape cannot size the memory.
+MAX_CLASSES = 100_000
 
 
 def abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
   """The model's variables as flat '/'-paths -> shape/dtype, without allocating them."""
   tree = models.abstract_variables(model, models.native_input_shape(model))
   return traverse_util.flatten_dict(tree, sep="/")
+
+
+def variable_bytes(model: models.DenseNet) -> int:
+  """The model's variables' size in float32 bytes (computed without allocating them)."""
+  return sum(4 * int(np.prod(s.shape)) for s in abstract_variables(model).values())
+
+
+def size_bound(model: str | models.DenseNet) -> int:
+  """The most bytes a weight file of `model`, or a member of its archive, may plausibly hold:
+  4x its float32 variables (with at least 1000 classes) plus 64 MiB for format overhead.
+
+  Room for float64 storage and container overhead, yet small enough that a forged size or a
+  compressed archive cannot make a reader allocate gigabytes for a model of megabytes.
+  """
+  if isinstance(model, str):
+    model = models.get_model(model)
+  model = model.clone(num_classes=max(model.num_classes, 1000), features_only=False)
+  return 4 * variable_bytes(model) + (64 << 20)
 
 
 def check_and_unflatten(flat: Mapping[str, np.ndarray], model: models.DenseNet,

@@ -4,11 +4,19 @@ verified before anything reads them, converted once and cached.
     DENSENET_JAX_CACHE   the cache root (default ~/.cache/densenet_jax)
     DENSENET_JAX_MIRROR  a URL prefix that replaces the original host: a file is fetched as
                          $DENSENET_JAX_MIRROR/<file name> (an internal mirror, air-gapped)
+    DENSENET_JAX_DOWNLOAD_TIMEOUT  seconds one download may take in all (default 1800)
+    DENSENET_JAX_MIN_RATE  bytes/s a download must average over every 30 s, else it is
+                         abandoned as stalled (default 10000; 0 turns the check off)
+    DENSENET_JAX_LOCK_TIMEOUT  seconds to wait for another process's download and conversion
+                         of the same file (default: the download timeout plus 600)
 
 Cache layout: downloads/<file name> (the verified source file, kept), checkpoints/<stem>.npz
 (the converted checkpoint that `load` reads), locks/<file name>.lock (one download per host:
-concurrent processes wait for the first). A download goes to downloads/<file name>.part and
-is renamed only after its hash matches; an interrupted one resumes with an HTTP Range request.
+concurrent processes wait for the first; the holder's pid is in the file). A download goes to
+downloads/<file name>.part and is renamed only after its hash matches; an interrupted one
+resumes with an HTTP Range request. No download reads more than its entry's size (or, where no
+size is pinned, a bound derived from the model's variables), whatever the server announces.
+A damaged cached checkpoint is rebuilt from the kept download.
 """
 
 from __future__ import annotations
@@ -20,19 +28,29 @@ import http.client
 import importlib.util
 import os
 import pathlib
+import socket
 import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Iterator
+from typing import Callable, Iterator, TypeVar
 
 from densenet_jax.pretrained import checkpoint, common, torchvision
 
 CACHE_ENV = "DENSENET_JAX_CACHE"
 MIRROR_ENV = "DENSENET_JAX_MIRROR"
+DOWNLOAD_TIMEOUT_ENV = "DENSENET_JAX_DOWNLOAD_TIMEOUT"
+MIN_RATE_ENV = "DENSENET_JAX_MIN_RATE"
+LOCK_TIMEOUT_ENV = "DENSENET_JAX_LOCK_TIMEOUT"
 DEFAULT_CACHE = "~/.cache/densenet_jax"
+DEFAULT_DOWNLOAD_TIMEOUT_S = 1800.0  # the largest file (~110 MB) at 60 kB/s
+DEFAULT_MIN_RATE = 10_000.0  # bytes/s
+STALL_WINDOW_S = 30.0  # the rate is averaged over this long, so short pauses pass
+_CONVERT_ALLOWANCE_S = 600.0  # a waiter also waits for the holder's conversion
 _CHUNK = 1 << 20
-_TIMEOUT_S = 60
+_TIMEOUT_S = 60  # per socket operation; the deadline and stall check bound the whole download
+_warned_prefix: set[str] = set()
+T = TypeVar("T")
 
 
 class WeightsError(RuntimeError):
@@ -52,6 +70,16 @@ class Source:
   digest: str
   license: str
   file_name: str = ""  # when the URL's last part is not unique (Hugging Face's model.safetensors)
+  size: int | None = None  # bytes, where the publisher's exact size is known
+
+  @property
+  def full_digest(self) -> bool:
+    """Whether the whole digest is pinned, not only a published prefix."""
+    return len(self.digest) == 2 * hashlib.new(self.algorithm).digest_size
+
+  def max_bytes(self) -> int:
+    """The most bytes a download may have: the pinned size, else a bound from the model."""
+    return self.size if self.size is not None else common.size_bound(self.model)
 
   @property
   def name(self) -> str:
@@ -74,8 +102,7 @@ class Source:
 
   def pinned(self) -> str:
     """The pinned hash in words, prefix or not."""
-    full = len(self.digest) == 2 * hashlib.new(self.algorithm).digest_size
-    return f"{self.algorithm} {self.digest}" + ("" if full else " (published prefix)")
+    return f"{self.algorithm} {self.digest}" + ("" if self.full_digest else " (published prefix)")
 
 
 _TV = "https://download.pytorch.org/models/"
@@ -96,7 +123,9 @@ def _keras(model: str, md5: str, notop: bool = False) -> Source:
 
 # Hashes are the publishers' own: torchvision's sha256 prefixes are in its file names (torch.hub
 # checks only those); Keras' md5s are the file_hash values in keras/src/applications/densenet.py;
-# timm's sha256 is the Git LFS object id on the Hugging Face file page.
+# timm's sha256 is the Git LFS object id on the Hugging Face file page. No exact sizes are pinned:
+# none was available from a source that could be checked here, so downloads are bounded by
+# common.size_bound instead (a few times the model's float32 bytes).
 _SOURCES = {
     "torchvision/densenet121": _torchvision("densenet121", "a639ec97"),
     "torchvision/densenet161": _torchvision("densenet161", "8d451a50"),
@@ -141,10 +170,50 @@ def resolve(weights: common.PathLike) -> pathlib.Path:
   return fetch(str(weights))
 
 
+def resolve_and_read(weights: common.PathLike, read: Callable[[pathlib.Path], T]) -> T:
+  """read(the checkpoint of a path or name); a damaged cached checkpoint is rebuilt once."""
+  path = resolve(weights)
+  try:
+    return read(path)
+  except ValueError as e:
+    name = str(weights)
+    if name not in REGISTRY or path != _checkpoint_path(REGISTRY[name]):
+      raise  # the user's own file: only they know where it came from
+    _rebuild(name, path, e)
+  return read(path)
+
+
+def _checkpoint_path(source: Source) -> pathlib.Path:
+  return cache_dir() / "checkpoints" / f"{pathlib.Path(source.name).stem}.npz"
+
+
+def _rebuild(name: str, out: pathlib.Path, error: Exception) -> None:
+  """Reconverts a cached checkpoint that cannot be read from its kept, re-verified download."""
+  source = REGISTRY[name]
+  target = cache_dir() / "downloads" / source.name
+  reason = str(error).split("\n")[0]
+  with _locked(cache_dir() / "locks" / f"{source.name}.lock", source.name):
+    if not target.is_file():
+      raise WeightsError(
+          f"The cached checkpoint of {name!r} is damaged ({reason}), and the file it was "
+          f"converted from is no longer in the cache: delete {out} and load {name!r} again "
+          f"to download and convert it afresh.") from error
+    print(f"{out} is damaged; rebuilding it from {target}", file=sys.stderr, flush=True)
+    _verify(source, target, f"{target} (already in the cache)")
+    checkpoint.convert(source.framework, target, out, source.model)
+
+
 def fetch(name: str) -> pathlib.Path:
   """The cached checkpoint of a registered name: downloaded, verified and converted once."""
   source = REGISTRY[name]
-  out = cache_dir() / "checkpoints" / f"{pathlib.Path(source.name).stem}.npz"
+  out = _checkpoint_path(source)
+  if not source.full_digest and source.name not in _warned_prefix:
+    # Said once per process, on every route (cached or not): the weakness is the pin's.
+    _warned_prefix.add(source.name)
+    bits = 4 * len(source.digest)
+    print(f"warning: {name!r}: only a {bits}-bit {source.algorithm} prefix ({source.digest}) "
+          f"is published for {source.name}, so only that much of the file is checked.",
+          file=sys.stderr, flush=True)
   if out.is_file():  # written by an atomic rename, so complete: no lock, no network
     return out
   if source.needs_torch and importlib.util.find_spec("torch") is None:
@@ -172,8 +241,15 @@ def download(name: str) -> pathlib.Path:
   mirror = os.environ.get(MIRROR_ENV)
   url = f"{mirror.rstrip('/')}/{source.name}" if mirror else source.url
   part = target.with_name(target.name + ".part")
+  limit = source.max_bytes()
   try:
-    _download(url, part)
+    _download(url, part, limit, _Budget())
+  except _TooLarge as e:
+    part.unlink(missing_ok=True)
+    pinned = "its pinned size" if source.size is not None else "the bound for its model"
+    raise WeightsError(
+        f"{url} {e} for {source.name}, more than {pinned} ({limit} bytes): refused and "
+        f"deleted, nothing cached. A mirror or proxy may be serving another file.") from None
   except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
     # A plain URLError wraps the socket error; an HTTPError's own text has the status code.
     reason = e.reason if type(e) is urllib.error.URLError else e
@@ -200,28 +276,93 @@ def _verify(source: Source, path: pathlib.Path, origin: str) -> None:
                        f"mirror or proxy may be serving another file.")
 
 
-def _download(url: str, part: pathlib.Path) -> None:
-  """Fetches url into part, resuming from part's size when the server honours Range."""
+class _TooLarge(Exception):
+  """The server sent, or announced, more bytes than the file can have."""
+
+
+class _TooSlow(OSError):
+  """The download passed its deadline or fell below the minimum rate (the part is kept)."""
+
+
+def _env_number(name: str, default: float) -> float:
+  """A non-negative number from the environment, or a WeightsError naming the variable."""
+  text = os.environ.get(name, "").strip()
+  if not text:
+    return default
+  try:
+    value = float(text)
+  except ValueError:
+    value = -1.0
+  if not value >= 0:  # also refuses nan
+    raise WeightsError(f"{name}={text!r} is not a number of seconds or bytes/s >= 0; unset it "
+                       f"for the default ({default:g}).")
+  return value
+
+
+class _Budget:
+  """The download's overall deadline and its minimum-rate stall check."""
+
+  def __init__(self):
+    self.timeout = _env_number(DOWNLOAD_TIMEOUT_ENV, DEFAULT_DOWNLOAD_TIMEOUT_S)
+    self.min_rate = _env_number(MIN_RATE_ENV, DEFAULT_MIN_RATE)
+    self.deadline = time.monotonic() + self.timeout
+    self.window_start, self.window_done = time.monotonic(), 0
+
+  def socket_timeout(self) -> float:
+    """Per socket operation: no longer than the deadline or a stall window allows."""
+    longest = min(_TIMEOUT_S, max(self.deadline - time.monotonic(), 0.01))
+    return min(longest, STALL_WINDOW_S) if self.min_rate else longest
+
+  def check(self, done: int) -> None:
+    """Raises _TooSlow past the deadline, or when the last window averaged below min_rate."""
+    now = time.monotonic()
+    if now >= self.deadline:
+      raise _TooSlow(f"the download took longer than {DOWNLOAD_TIMEOUT_ENV}={self.timeout:g} s "
+                     f"({done} bytes so far); raise it for a slow link")
+    if now - self.window_start >= STALL_WINDOW_S:
+      rate = (done - self.window_done) / (now - self.window_start)
+      if rate < self.min_rate:
+        raise _TooSlow(f"the download stalled at {rate:.0f} bytes/s over "
+                       f"{now - self.window_start:.1f} s, below {MIN_RATE_ENV}="
+                       f"{self.min_rate:g}; lower it for a slow link")
+      self.window_start, self.window_done = now, done
+
+
+def _download(url: str, part: pathlib.Path, limit: int, budget: _Budget) -> None:
+  """Fetches url into part, resuming from part's size when the server honours Range; never
+  reads more than limit + 1 bytes of the file, nor past the budget."""
   start = part.stat().st_size if part.is_file() else 0
+  if start > limit:  # left by an older version or another file: cannot be a prefix
+    part.unlink()
+    start = 0
   request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
   try:
-    response = urllib.request.urlopen(request, timeout=_TIMEOUT_S)
+    response = urllib.request.urlopen(request, timeout=budget.socket_timeout())
   except urllib.error.HTTPError as e:
     if e.code != 416 or not start:  # 416: the part is not shorter than the file: start over
       raise
     part.unlink()
-    return _download(url, part)
+    return _download(url, part, limit, budget)
   with response:
     resumed = response.status == 206
     done = start if resumed else 0  # a 200 answer to a Range request is the whole file
     length = response.headers.get("Content-Length")
-    total = done + int(length) if length else None
+    total = done + int(length) if length and length.isdigit() else None
+    if total is not None and total > limit:
+      raise _TooLarge(f"announces {total} bytes")
     bar = _Progress(part.name.removesuffix(".part"), total)
+    budget.window_done = done
     with open(part, "ab" if resumed else "wb") as f:
-      while chunk := response.read(_CHUNK):
+      # read1 returns what has arrived, so a trickle cannot hold one call until a whole chunk
+      # is in; one byte past the limit is enough to know the file is not the published one.
+      while chunk := response.read1(min(_CHUNK, limit + 1 - done)):
         f.write(chunk)
         done += len(chunk)
         bar.update(done)
+        if done > limit:
+          bar.close(done)
+          raise _TooLarge(f"sent {done} bytes and more")
+        budget.check(done)
     bar.close(done)
   if total is not None and done != total:
     raise OSError(f"the connection closed after {done} of {total} bytes")
@@ -249,19 +390,48 @@ class _Progress:
     sys.stderr.flush()
 
 
+def _holder(f) -> str:
+  """Who holds the lock, as the holder wrote it into the lock file."""
+  f.seek(0)
+  return f.read().strip() or "a process that has not written its pid yet"
+
+
 @contextlib.contextmanager
 def _locked(path: pathlib.Path, what: str) -> Iterator[None]:
-  """Holds an exclusive lock on `path`, so one process per host downloads and converts."""
+  """Holds an exclusive lock on `path`, so one process per host downloads and converts; waits
+  at most $DENSENET_JAX_LOCK_TIMEOUT seconds for another holder."""
   import fcntl  # POSIX only; imported here so that loading from a path works everywhere
 
+  # Polling flock rather than a blocking one (or the filelock package, which truncates the
+  # file on every attempt and so would erase the holder's pid that the error names).
+  default = _env_number(DOWNLOAD_TIMEOUT_ENV, DEFAULT_DOWNLOAD_TIMEOUT_S) + _CONVERT_ALLOWANCE_S
+  timeout = _env_number(LOCK_TIMEOUT_ENV, default)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a") as f:
+  with open(path, "a+") as f:
     try:
       fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-      print(f"waiting for another process to fetch {what} ...", file=sys.stderr, flush=True)
-      fcntl.flock(f, fcntl.LOCK_EX)
+      print(f"waiting for another process to fetch {what} ({_holder(f)}; at most {timeout:g} s,"
+            f" {LOCK_TIMEOUT_ENV}) ...", file=sys.stderr, flush=True)
+      deadline = time.monotonic() + timeout
+      while True:
+        time.sleep(max(min(0.2, deadline - time.monotonic()), 0))
+        try:
+          fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+          break
+        except BlockingIOError:
+          if time.monotonic() >= deadline:
+            raise WeightsError(
+                f"Waited {timeout:g} s for {path}, held by {_holder(f)} while it fetches "
+                f"{what}. A lock ends with its process, so that process is still running: "
+                f"if it is stuck, stop it; to wait longer, raise {LOCK_TIMEOUT_ENV}.") from None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    f.flush()
     try:
       yield
     finally:
+      f.truncate(0)  # a later waiter must not name a process that is gone
+      f.flush()
       fcntl.flock(f, fcntl.LOCK_UN)
