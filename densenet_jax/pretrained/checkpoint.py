@@ -46,20 +46,51 @@ def save(path: common.PathLike, model_name: str, model: models.DenseNet,
   return metadata
 
 
+_MAX_METADATA_CHARS = 1 << 16  # the metadata is a few hundred characters of JSON
+
+
 def read(path: common.PathLike) -> tuple[dict[str, Any], common.Flat]:
-  """(metadata, flat arrays) of a converted checkpoint file, with clear errors for bad files."""
+  """(metadata, flat arrays) of a converted checkpoint file, with clear errors for bad files.
+
+  The .npy headers are checked against the model the metadata names before any array is
+  read, so a small compressed file cannot claim gigabytes of memory.
+  """
   path = common.existing(path)
-  arrays = common.guarded(lambda: common.read_npz(path), path, "a densenet-jax checkpoint")
-  if METADATA_KEY not in arrays:
+  what = "a densenet-jax checkpoint"
+  headers = common.guarded(lambda: common.npz_headers(path, *common.bound_for(None)), path,
+                           what)
+  if METADATA_KEY not in headers:
     raise ValueError(f"{path} is not a densenet-jax checkpoint (no {METADATA_KEY!r} entry); "
                      f"convert weights first: python -m densenet_jax.convert --help")
-  metadata = common.guarded(lambda: json.loads(str(arrays.pop(METADATA_KEY))), path,
-                            "a densenet-jax checkpoint")
+  shape, dtype = headers.pop(METADATA_KEY)
+  if shape != () or dtype.kind != "U" or dtype.itemsize > 4 * _MAX_METADATA_CHARS:
+    raise common.Refused(f"{path}: the {METADATA_KEY!r} entry is a {dtype} array of shape "
+                         f"{shape}, not a short JSON string: refused before reading it.")
+  metadata = common.guarded(lambda: _read_metadata(path), path, what)
   if metadata.get("format") != FORMAT or metadata.get("version") != FORMAT_VERSION:
     raise ValueError(f"{path} has format {metadata.get('format')!r} version "
                      f"{metadata.get('version')!r}; this code reads {FORMAT!r} "
                      f"version {FORMAT_VERSION}.")
+  model = common.guarded(lambda: _model(metadata), path, what)
+  common.check_fits(common.standins(headers, path), model, f"checkpoint {path}",
+                    metadata["model"])
+  arrays = common.guarded(lambda: common.read_npz(path), path, what)
+  arrays.pop(METADATA_KEY)
   return metadata, arrays
+
+
+def _read_metadata(path: pathlib.Path) -> dict[str, Any]:
+  with np.load(path, allow_pickle=False) as npz:
+    metadata = json.loads(str(npz[METADATA_KEY]))
+  if not isinstance(metadata, dict):
+    raise ValueError(f"{METADATA_KEY!r} holds a JSON {type(metadata).__name__}, not an object")
+  return metadata
+
+
+def _model(metadata: dict[str, Any]) -> models.DenseNet:
+  """The model a checkpoint's metadata describes (as `load` builds it)."""
+  return models.get_model(metadata["model"], num_classes=metadata["num_classes"],
+                          bn_epsilon=metadata["bn_epsilon"])
 
 
 def load(path: common.PathLike, **overrides: Any
@@ -67,7 +98,7 @@ def load(path: common.PathLike, **overrides: Any
   """(model, variables, metadata) from a checkpoint file; overrides must keep shapes."""
   metadata, flat = read(path)
   stored = dict(num_classes=metadata["num_classes"], bn_epsilon=metadata["bn_epsilon"])
-  model = models.get_model(metadata["model"], **stored)
+  model = _model(metadata)
   variables = common.check_and_unflatten(flat, model, f"checkpoint {path}", metadata["model"])
   # Overrides such as dtype, features_only or memory_efficient reuse the same variables.
   return models.get_model(metadata["model"], **(stored | overrides)), variables, metadata
@@ -90,7 +121,7 @@ def convert(source: str, weights: common.PathLike, out: common.PathLike,
 def _guess_from_file(source: str, weights: common.PathLike) -> str:
   """The preset a weight file was saved from, or a ValueError asking for --model."""
   if source == "torchvision":
-    flat, _ = torchvision.torchvision_to_flat(torchvision.read_torchvision(weights))
+    flat, _ = torchvision.torchvision_to_flat(torchvision.read_torchvision(weights, shapes=True))
   else:
     flat = {"params/" + keras.keras_module_path(layer) + "/kernel": v["kernel"]
             for layer, v in keras.read_keras(weights).items() if "kernel" in v}

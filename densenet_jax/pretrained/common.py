@@ -3,9 +3,12 @@ the preset a file holds, and turning reader failures into one clear error."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import os
 import pathlib
 import re
+import zipfile
 from typing import Any, Callable, Mapping, TypeVar
 
 import jax
@@ -23,8 +26,19 @@ T = TypeVar("T")
 MAX_CLASSES = 100_000
 
 
+class Refused(ValueError):
+  """A weight file refused from its headers, before its arrays are read: it does not fit the
+  model, or it would expand to far more memory than the model can need."""
+
+
 def abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
   """The model's variables as flat '/'-paths -> shape/dtype, without allocating them."""
+  return dict(_abstract_variables(model))
+
+
+@functools.lru_cache(maxsize=16)
+def _abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
+  # Cached: a load checks headers first and the arrays after, each against the same model.
   tree = models.abstract_variables(model, models.native_input_shape(model))
   return traverse_util.flatten_dict(tree, sep="/")
 
@@ -32,6 +46,9 @@ def abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct
 def variable_bytes(model: models.DenseNet) -> int:
   """The model's variables' size in float32 bytes (computed without allocating them)."""
   return sum(4 * int(np.prod(s.shape)) for s in abstract_variables(model).values())
+
+
+LARGEST = "densenet264"  # the preset with the most variables: bounds files of unknown model
 
 
 def size_bound(model: str | models.DenseNet) -> int:
@@ -51,6 +68,22 @@ def check_and_unflatten(flat: Mapping[str, np.ndarray], model: models.DenseNet,
                         what: str, model_name: str = "the model",
                         origin: Mapping[str, str] | None = None) -> Variables:
   """Nested float32 variables once every path and shape matches the model, else ValueError."""
+  expected = check_fits(flat, model, what, model_name, origin)
+  # device_put, not jnp.asarray (which compiles a small program per distinct shape). On CPU
+  # device_put may alias the numpy buffer, and a torch state_dict's numpy views share memory
+  # with the live torch model: copy, so a later torch step cannot change these variables.
+  return traverse_util.unflatten_dict(
+      {k: jax.device_put(np.array(flat[k], np.float32, copy=True)) for k in expected}, sep="/")
+
+
+def check_fits(flat: Mapping[str, Any], model: models.DenseNet, what: str,
+               model_name: str = "the model", origin: Mapping[str, str] | None = None
+               ) -> list[str]:
+  """The model's variable paths once every path and shape in `flat` (arrays, or anything with
+  a .shape) matches them, else Refused naming the first problems."""
+  if model.num_classes > MAX_CLASSES:
+    raise Refused(f"{what} has a classifier of {model.num_classes} classes, more than the "
+                  f"{MAX_CLASSES} this reader accepts: refused before reading its arrays.")
   origin = origin or {}
   abstract = abstract_variables(model)
   expected = {k: abstract[k] for k in sorted(abstract, key=_network_order)}
@@ -68,14 +101,10 @@ def check_and_unflatten(flat: Mapping[str, np.ndarray], model: models.DenseNet,
     more = f"; and {len(problems) - 6} more" if len(problems) > 6 else ""
     guess = guess_model(flat)
     hint = (f" The file looks like {guess}." if guess and guess != model_name else "")
-    raise ValueError(f"{what} does not fit {model_name} ({len(mismatched)} shape mismatches, "
-                     f"{len(unexpected)} unexpected, {len(missing)} missing): "
-                     f"{shown}{more}.{hint}")
-  # device_put, not jnp.asarray (which compiles a small program per distinct shape). On CPU
-  # device_put may alias the numpy buffer, and a torch state_dict's numpy views share memory
-  # with the live torch model: copy, so a later torch step cannot change these variables.
-  return traverse_util.unflatten_dict(
-      {k: jax.device_put(np.array(flat[k], np.float32, copy=True)) for k in expected}, sep="/")
+    raise Refused(f"{what} does not fit {model_name} ({len(mismatched)} shape mismatches, "
+                  f"{len(unexpected)} unexpected, {len(missing)} missing): "
+                  f"{shown}{more}.{hint}")
+  return list(expected)
 
 
 def guess_model(flat: Mapping[str, Any]) -> str | None:
@@ -102,14 +131,18 @@ def build(flat: Flat, origin: dict[str, str], model: str | models.DenseNet,
   A DenseNet instance keeps its layout but takes the source's BatchNorm epsilon: the weights
   were trained with it, and any other value shifts every normalised activation.
   """
+  model, name = fit_model(flat, model, bn_epsilon)
+  return model, check_and_unflatten(flat, model, what, name, origin)
+
+
+def fit_model(flat: Mapping[str, Any], model: str | models.DenseNet, bn_epsilon: float
+              ) -> tuple[models.DenseNet, str]:
+  """(the model to check the file against, its name in messages); classes from the file."""
   if isinstance(model, str):
-    name = model
     classifier = flat.get("params/classifier/kernel")
     num_classes = 0 if classifier is None else int(classifier.shape[-1])  # 0: headless file
-    model = models.get_model(name, num_classes=num_classes, bn_epsilon=bn_epsilon)
-  else:
-    name, model = "the model", model.clone(bn_epsilon=bn_epsilon)
-  return model, check_and_unflatten(flat, model, what, name, origin)
+    return models.get_model(model, num_classes=num_classes, bn_epsilon=bn_epsilon), model
+  return model.clone(bn_epsilon=bn_epsilon), "the model"
 
 
 def _network_order(path: str) -> tuple:
@@ -128,6 +161,8 @@ def guarded(read: Callable[[], T], path: pathlib.Path, what: str) -> T:
   """Runs a reader; any failure inside a file format library becomes one clear ValueError."""
   try:
     return read()
+  except Refused:
+    raise
   except Exception as e:  # zip, pickle, HDF5, safetensors, EOF and OS errors: a bad file
     raise ValueError(f"Cannot read {path} as {what}: {type(e).__name__}: {e}. "
                      f"Is the file complete and of that kind?") from e
@@ -137,6 +172,72 @@ def read_npz(path: pathlib.Path) -> dict[str, np.ndarray]:
   """Every array of an .npz, read eagerly so that a corrupt member fails here."""
   with np.load(path, allow_pickle=False) as npz:
     return {k: npz[k] for k in npz.files}
+
+
+def bound_for(model: str | models.DenseNet | None) -> tuple[int, str]:
+  """(size_bound of the model, or of the largest preset when None; the model in words)."""
+  if model is None:
+    return size_bound(LARGEST), f"any preset ({LARGEST}, the largest)"
+  return size_bound(model), model if isinstance(model, str) else "the model"
+
+
+def npz_headers(path: pathlib.Path, max_bytes: int, model_name: str
+                ) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """name -> (shape, dtype) of every array of an .npz, from the .npy headers alone.
+
+  Reads a few hundred bytes per member: a compressed member can expand to any size, and
+  numpy sizes its buffer from the header, so shapes are checked before any array is read.
+  Refused here: a member whose declared size exceeds what its shape needs, and arrays that
+  add up to more than max_bytes.
+  """
+  out, total = {}, 0
+  with zipfile.ZipFile(path) as archive:
+    for info in archive.infolist():
+      with archive.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+          shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+          shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+        else:
+          raise ValueError(f"member {info.filename} has .npy format {version}, not 1.0 or 2.0")
+        needed = f.tell() + int(np.prod(shape)) * dtype.itemsize
+      name = info.filename.removesuffix(".npy")
+      if info.file_size > needed:
+        raise Refused(f"{path}: member {name!r} declares {info.file_size} bytes, but its shape "
+                      f"{shape} of {dtype} needs {needed}: refused before reading it.")
+      out[name] = (tuple(shape), dtype)
+      total += needed
+      if total > max_bytes:
+        raise Refused(f"{path} holds arrays of more than {max_bytes} bytes once expanded, more "
+                      f"than weights of {model_name} can need: refused before reading them.")
+  return out
+
+
+def standins(headers: Mapping[str, tuple[tuple[int, ...], np.dtype]], path: pathlib.Path
+             ) -> Flat:
+  """Zero-byte float32 arrays of the headers' shapes, to check names and shapes against a
+  model as if they were the arrays (numeric dtypes only; anything else is refused)."""
+  out = {}
+  for name, (shape, dtype) in headers.items():
+    if dtype.kind not in "fiub" or dtype.itemsize > 8:
+      raise Refused(f"{path}: array {name!r} has dtype {dtype}, not a number: refused before "
+                    f"reading it.")
+    out[name] = np.broadcast_to(np.zeros((), np.float32), shape)
+  return out
+
+
+INSTALL_WEIGHTS = "pip install -e '.[weights]'"  # from a checkout, as the README installs
+
+
+def require(module: str, purpose: str, package: str | None = None) -> Any:
+  """Imports an optional dependency of the [weights] extra, or an ImportError naming it."""
+  try:
+    return importlib.import_module(module)
+  except ImportError as e:
+    package = package or module.split(".")[0]
+    raise ImportError(f"{purpose} needs the {package!r} package, which the [weights] extra "
+                      f"installs: {INSTALL_WEIGHTS} (or pip install {package}).") from e
 
 
 def existing(path: PathLike) -> pathlib.Path:

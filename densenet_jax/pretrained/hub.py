@@ -223,6 +223,11 @@ def fetch(name: str) -> pathlib.Path:
                if alternatives else "; no torch-free file of this model is pinned")
     raise WeightsError(f"{name!r} is published as {source.name}, a PyTorch pickle that needs "
                        f"torch to read: pip install torch{instead}.")
+  # Before downloading: a missing reader would only fail once the file is in.
+  if source.name.endswith(".safetensors"):
+    common.require("safetensors.numpy", f"Loading {name!r} ({source.name})")
+  elif source.framework == "keras":
+    common.require("h5py", f"Loading {name!r} ({source.name})")
   with _locked(cache_dir() / "locks" / f"{source.name}.lock", source.name):
     if not out.is_file():  # another process may have finished it while this one waited
       out.parent.mkdir(parents=True, exist_ok=True)

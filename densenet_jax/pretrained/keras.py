@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import pathlib
 import re
 import zipfile
 from typing import Any, Mapping
@@ -32,23 +33,36 @@ _VARIABLE = {"kernel": ("params", "kernel"), "bias": ("params", "bias"),
 _BN_ORDER = ("gamma", "beta", "moving_mean", "moving_variance")
 
 
-def read_keras(path: common.PathLike) -> dict[str, dict[str, np.ndarray]]:
-  """Reads Keras weights (.weights.h5, legacy .h5 or a .keras archive): layer -> var -> array."""
-  import h5py  # a dependency of keras itself; only needed on this route
+def read_keras(path: common.PathLike, model: str | models.DenseNet | None = None
+               ) -> dict[str, dict[str, np.ndarray]]:
+  """Reads Keras weights (.weights.h5, legacy .h5 or a .keras archive): layer -> var -> array.
 
+  Sizes are checked before anything is expanded or read: the archive member's and every
+  HDF5 dataset's, against common.size_bound of `model` (the largest preset when not given).
+  """
+  h5py = common.require("h5py", "Reading Keras weights")
   path = common.existing(path)
+  bound, model_name = common.bound_for(model)
+  budget = _Budget(bound, path, model_name)
 
   def read() -> dict[str, dict[str, np.ndarray]] | None:
     if zipfile.is_zipfile(path):  # a .keras archive holds model.weights.h5
       with zipfile.ZipFile(path) as archive:
+        # The declared size, which zipfile also enforces while inflating: a small archive
+        # cannot expand past it.
+        size = archive.getinfo("model.weights.h5").file_size
+        if size > bound:
+          raise common.Refused(
+              f"{path} holds model.weights.h5 of {size} bytes once expanded, more than the "
+              f"{bound} that weights of {model_name} can need: refused before extracting it.")
         source: Any = io.BytesIO(archive.read("model.weights.h5"))
     else:
       source = path
     with h5py.File(source, "r") as f:
       if isinstance(f.get("layers"), h5py.Group):
-        return _read_keras3(f["layers"])
+        return _read_keras3(f["layers"], budget)
       root = f["model_weights"] if "model_weights" in f else f  # model.save() vs save_weights()
-      return _read_legacy(root) if "layer_names" in root.attrs else None
+      return _read_legacy(root, budget) if "layer_names" in root.attrs else None
 
   layers = common.guarded(read, path, "Keras weights")
   if layers is None:
@@ -58,14 +72,30 @@ def read_keras(path: common.PathLike) -> dict[str, dict[str, np.ndarray]]:
   return layers
 
 
-def _read_keras3(layers: Any) -> dict[str, dict[str, np.ndarray]]:
+class _Budget:
+  """The bytes HDF5 datasets may add up to; checked from each dataset's shape before reading
+  it (a compressed dataset can expand to any size)."""
+
+  def __init__(self, bound: int, path: pathlib.Path, model_name: str):
+    self.left, self.bound, self.path, self.model_name = bound, bound, path, model_name
+
+  def read(self, dataset: Any) -> np.ndarray:
+    self.left -= int(np.prod(dataset.shape)) * dataset.dtype.itemsize
+    if self.left < 0:
+      raise common.Refused(f"{self.path} holds datasets of more than {self.bound} bytes, more "
+                           f"than weights of {self.model_name} can need: refused before "
+                           f"reading them ({dataset.name} has shape {dataset.shape}).")
+    return dataset[()]
+
+
+def _read_keras3(layers: Any, budget: _Budget) -> dict[str, dict[str, np.ndarray]]:
   """Keras 3 layout: layers/<class-based key>/vars/<0, 1, ...>, the layer name as an attr."""
   out, unnamed = {}, {}
   for key in layers:
     group = layers[key].get("vars")
     if group is None or len(group) == 0:
       continue
-    values = [group[str(i)][()] for i in range(len(group))]
+    values = [budget.read(group[str(i)]) for i in range(len(group))]
     names = _BN_ORDER if key.startswith("batch_normalization") else ("kernel", "bias")
     weights = dict(zip(names, values))
     name = _text(group.attrs["name"]) if "name" in group.attrs else None
@@ -80,7 +110,7 @@ def _read_keras3(layers: Any) -> dict[str, dict[str, np.ndarray]]:
   return out
 
 
-def _read_legacy(root: Any) -> dict[str, dict[str, np.ndarray]]:
+def _read_legacy(root: Any, budget: _Budget) -> dict[str, dict[str, np.ndarray]]:
   """Keras 2 / legacy HDF5: layer_names attr, each group's weight_names attr."""
   out = {}
   for layer in (_text(n) for n in root.attrs["layer_names"]):
@@ -88,7 +118,7 @@ def _read_legacy(root: Any) -> dict[str, dict[str, np.ndarray]]:
     weights = {}
     for weight_name in (_text(n) for n in group.attrs.get("weight_names", [])):
       # 'conv1/conv/kernel:0' (Keras 2) or 'conv1_conv/kernel' (Keras 3) -> 'kernel'
-      weights[weight_name.split("/")[-1].split(":")[0]] = group[weight_name][()]
+      weights[weight_name.split("/")[-1].split(":")[0]] = budget.read(group[weight_name])
     if weights:
       out[layer] = weights
   return out
@@ -143,7 +173,7 @@ def keras_to_flat(weights: Mapping[str, Mapping[str, Any]],
 def from_keras(weights: common.PathLike | Mapping[str, Mapping[str, Any]],
                model: str | models.DenseNet) -> tuple[models.DenseNet, common.Variables]:
   """(model, variables) from keras.applications DenseNet weights; checks every tensor."""
-  layers = read_keras(weights) if isinstance(weights, (str, os.PathLike)) else weights
+  layers = read_keras(weights, model) if isinstance(weights, (str, os.PathLike)) else weights
   # Only layer order matters before the model is known, so a preset name suffices here.
   shape_model = models.get_model(model) if isinstance(model, str) else model
   flat, origin = keras_to_flat(layers, shape_model)

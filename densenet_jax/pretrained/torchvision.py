@@ -27,18 +27,31 @@ _OLD_KEY = re.compile(
     r"((?:[12])\.(?:weight|bias|running_mean|running_var))$")
 
 
-def read_torchvision(path: common.PathLike) -> dict[str, np.ndarray]:
-  """Reads a torchvision state_dict from .pth/.pt (needs torch), .safetensors or .npz."""
+def read_torchvision(path: common.PathLike, model: str | models.DenseNet | None = None, *,
+                     shapes: bool = False) -> dict[str, np.ndarray]:
+  """Reads a torchvision state_dict from .pth/.pt (needs torch), .safetensors or .npz.
+
+  An .npz is checked from its .npy headers first, against `model` when given (names and
+  shapes) and against the largest preset's size otherwise, so a small compressed file cannot
+  expand to gigabytes. shapes=True: only names and shapes are wanted; an .npz then gives
+  zero-byte stand-ins without reading any array.
+  """
   path = common.existing(path)
   suffix = path.suffix.lower()
   if suffix == ".safetensors":
-    try:
-      from safetensors.numpy import load_file
-    except ImportError as e:
-      raise ImportError("Reading .safetensors needs the 'safetensors' package: "
-                        "pip install 'densenet-jax[weights]'.") from e
+    load_file = common.require("safetensors.numpy", f"Reading {path.name}").load_file
     return common.guarded(lambda: dict(load_file(str(path))), path, "a torchvision state_dict")
   if suffix == ".npz":
+    bound, model_name = common.bound_for(model)
+    headers = common.guarded(lambda: common.npz_headers(path, bound, model_name), path,
+                             "a torchvision state_dict")
+    standins = common.standins(headers, path)
+    if shapes:
+      return standins
+    if model is not None:
+      flat, origin = torchvision_to_flat(standins)
+      fitted, name = common.fit_model(flat, model, BN_EPSILON)
+      common.check_fits(flat, fitted, f"torchvision weights {path}", name, origin)
     return common.guarded(lambda: common.read_npz(path), path, "a torchvision state_dict")
   if suffix in TORCH_SUFFIXES:
     return _read_torch(path)
@@ -99,7 +112,10 @@ def torchvision_to_flat(state_dict: Mapping[str, Any]) -> tuple[common.Flat, dic
 def from_torchvision(weights: common.PathLike | Mapping[str, Any],
                      model: str | models.DenseNet) -> tuple[models.DenseNet, common.Variables]:
   """(model, variables) from a torchvision state_dict or its file; checks every tensor."""
-  state_dict = read_torchvision(weights) if isinstance(weights, (str, os.PathLike)) else weights
+  if isinstance(weights, (str, os.PathLike)):
+    state_dict = read_torchvision(weights, model)
+  else:
+    state_dict = weights
   flat, origin = torchvision_to_flat(state_dict)
   what = f"torchvision weights {common.describe(weights)}"
   return common.build(flat, origin, model, BN_EPSILON, what)
