@@ -149,3 +149,165 @@ def test_a_compressed_hdf5_dataset_past_the_model_is_refused_before_reading(tmp_
       str(error))
   assert "(/conv1_conv/conv1_conv/kernel:0 has shape (67108864,))" in str(error)
   assert peak < 24 * MB, peak
+
+
+# ------------------------------------------------------------------ images
+
+def reference_preprocess(image, resize=256, crop=224):
+  """predict.preprocess as it was: the whole image resized, then centre-cropped."""
+  from PIL import Image
+
+  image = image.convert("RGB")
+  w, h = image.size
+  size = (resize, int(resize * h / w)) if w <= h else (int(resize * w / h), resize)
+  image = image.resize(size, Image.Resampling.BILINEAR)
+  w, h = image.size
+  left, top = int(round((w - crop) / 2.0)), int(round((h - crop) / 2.0))
+  x = np.asarray(image.crop((left, top, left + crop, top + crop)), np.float32) / 255.0
+  return (x - np.asarray(predict.imagenet.MEAN, np.float32)) / np.asarray(
+      predict.imagenet.STD, np.float32)
+
+
+@pytest.fixture(scope="module")
+def checkpoint_file(tmp_path_factory) -> pathlib.Path:
+  """A random densenet40 checkpoint (10 classes), for the command line."""
+  from densenet_jax import models
+
+  model = models.get_model("densenet40")
+  rng = np.random.default_rng(0)
+  flat = {k: rng.normal(size=s.shape).astype(np.float32)
+          for k, s in pretrained.abstract_variables(model).items()}
+  variables = pretrained.check_and_unflatten(flat, model, "test")
+  path = tmp_path_factory.mktemp("ck") / "densenet40.npz"
+  pretrained.save(path, "densenet40", model, variables, "torchvision")
+  return path
+
+
+def png_header_only(path: pathlib.Path, width: int, height: int) -> pathlib.Path:
+  """A PNG that declares width x height RGB pixels and holds no pixel data: what Pillow reads
+  at open time, a few dozen bytes."""
+  import struct
+  import zlib
+
+  def chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(
+        ">I", zlib.crc32(kind + data))
+
+  ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+  path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", b"") +
+                   chunk(b"IEND", b""))
+  return path
+
+
+def test_an_image_over_the_pixel_limit_is_one_line_before_decoding(checkpoint_file, tmp_path,
+                                                                   capsys):
+  big = png_header_only(tmp_path / "big.png", 20000, 20000)
+  assert predict.main(["--weights", str(checkpoint_file), str(big)]) == 2
+  err = capsys.readouterr().err
+  assert err == (f"predict: error: cannot read image {big}: 20000x20000 is 400,000,000 pixels, "
+                 f"more than the limit of 89,478,485 (raise it with --max-pixels if the image "
+                 f"is genuine)\n")
+  with pytest.raises(ValueError, match="100x100 is 10,000 pixels, more than the limit of 9,999"):
+    predict.open_image(png_header_only(tmp_path / "small.png", 100, 100), max_pixels=9999)
+  # Raised past Pillow's own limit, the header passes; the missing pixel data is one line too.
+  assert predict.main(["--weights", str(checkpoint_file), str(big),
+                       "--max-pixels", str(10**9)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"predict: error: cannot read image {big}: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("flag", ["--crop", "--resize", "--top-k", "--max-pixels"])
+def test_non_positive_sizes_are_one_line_usage_errors(checkpoint_file, tmp_path, capsys, flag):
+  assert predict.main(["--weights", str(checkpoint_file), "x.png", flag, "0"]) == 2
+  assert capsys.readouterr().err == f"predict: error: {flag} must be a positive number, not 0\n"
+
+
+def test_preprocess_equals_resize_then_crop_bit_for_bit():
+  from PIL import Image
+
+  rng = np.random.default_rng(0)
+  shapes = [(333, 517), (517, 333), (240, 260), (256, 256), (1000, 223), (223, 1000),
+            (97, 131), (100, 1), (1, 100), (481, 640)]
+  for shape in shapes:
+    image = Image.fromarray(rng.integers(0, 256, shape + (3,), np.uint8))
+    for resize, crop in [(256, 224), (320, 288), (100, 224), (32, 28), (256, 255)]:
+      np.testing.assert_array_equal(predict.preprocess(image, resize, crop),
+                                    reference_preprocess(image, resize, crop),
+                                    err_msg=f"{shape} {resize} {crop}")
+
+
+def test_a_long_thin_image_is_not_resized_whole():
+  # The old path resized 1x2000 to 256x512000 (393 MB) before cropping; in a fresh process,
+  # so the peak resident size is this call's.
+  script = (
+      "import resource, sys\n"
+      "import numpy as np\n"
+      "from PIL import Image\n"
+      "from densenet_jax import predict\n"
+      "image = Image.fromarray(np.arange(2000, dtype=np.uint8).reshape(2000, 1) * "
+      "np.ones((1, 1, 3), np.uint8))\n"
+      "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+      "x = predict.preprocess(image)\n"
+      "assert x.shape == (224, 224, 3), x.shape\n"
+      "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before)\n")
+  import subprocess
+  proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                        timeout=300, env={"JAX_PLATFORMS": "cpu", "PATH": "/usr/bin:/bin"},
+                        cwd=pathlib.Path(__file__).resolve().parents[1])
+  assert proc.returncode == 0, proc.stderr
+  grown_kb = int(proc.stdout.split()[-1])
+  assert grown_kb < 64 * 1024, grown_kb
+
+
+def _grey_rgb(grey: np.ndarray) -> np.ndarray:
+  return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _muldiv255(a, b):
+  t = a.astype(np.int64) * b + 128
+  return ((t >> 8) + t) >> 8
+
+
+def _cases():
+  """mode -> (array or builder, expected 8-bit RGB), each reference computed by hand."""
+  rng = np.random.default_rng(1)
+  g16 = rng.integers(0, 65536, (5, 7), np.uint16)
+  g16_in_8 = np.rint(g16.astype(np.float64) * 255 / 65535)
+  fl = rng.uniform(0, 1, (5, 7)).astype(np.float32)
+  palette = rng.integers(0, 256, (256, 3), np.uint8)
+  index = rng.integers(0, 256, (5, 7), np.uint8)
+  cmyk = rng.integers(0, 256, (5, 7, 4), np.uint8)
+  la = rng.integers(0, 256, (5, 7, 2), np.uint8)
+  rgba = rng.integers(0, 256, (5, 7, 4), np.uint8)
+  nk = 255 - cmyk[..., 3:].astype(np.int64)
+  return {
+      "I;16": (lambda I: I.fromarray(g16), _grey_rgb(g16_in_8)),
+      "I": (lambda I: I.fromarray(g16.astype(np.int32)), _grey_rgb(g16_in_8)),
+      "F": (lambda I: I.fromarray(fl), _grey_rgb(np.rint(fl.astype(np.float64) * 255))),
+      "P": (lambda I: _palette(I, index, palette), palette[index]),
+      "CMYK": (lambda I: I.fromarray(cmyk, "CMYK"), nk - _muldiv255(cmyk[..., :3], nk)),
+      "LA": (lambda I: I.fromarray(la, "LA"), _grey_rgb(la[..., 0])),
+      "RGBA": (lambda I: I.fromarray(rgba, "RGBA"), rgba[..., :3]),
+  }
+
+
+def _palette(Image, index, palette):
+  image = Image.frombytes("P", index.shape[::-1], index.tobytes())
+  image.putpalette(palette.tobytes())
+  return image
+
+
+@pytest.mark.parametrize("mode", list(_cases()))
+def test_every_mode_maps_to_8_bit_rgb_by_scaling(mode):
+  from PIL import Image
+
+  build, expected = _cases()[mode]
+  image = build(Image)
+  assert image.mode == mode
+  rgb = predict.to_rgb(image)
+  assert rgb.mode == "RGB"
+  np.testing.assert_array_equal(np.asarray(rgb), expected.astype(np.uint8))
+  # And the whole transform sees those pixels.
+  np.testing.assert_array_equal(predict.preprocess(image, 8, 6),
+                                predict.preprocess(Image.fromarray(expected.astype(np.uint8)),
+                                                   8, 6))
