@@ -35,11 +35,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the conversion; bad input ends with a one-paragraph error, not a traceback."""
+  """Runs the conversion; bad input ends with a one-paragraph error, not a traceback.
+
+  Exit status: 0 done, 2 a bad argument or input file, 1 a missing package.
+  """
   args = parse_args(argv)
   try:
     metadata = pretrained.convert(args.source, args.weights, args.out, args.model)
-  except (ValueError, ImportError, OSError) as e:
+  except ImportError as e:  # the message names the extra to install
+    print(f"convert: error: {e}", file=sys.stderr)
+    return 1
+  except (ValueError, OSError) as e:
     print(f"convert: error: {e}", file=sys.stderr)
     return 2
   print(f"wrote {args.out}: {metadata['model']} from {metadata['source']} "

@@ -311,3 +311,41 @@ def test_every_mode_maps_to_8_bit_rgb_by_scaling(mode):
   np.testing.assert_array_equal(predict.preprocess(image, 8, 6),
                                 predict.preprocess(Image.fromarray(expected.astype(np.uint8)),
                                                    8, 6))
+
+
+# ------------------------------------------------------------------ missing optional packages
+
+INSTALL = "pip install -e '.[weights]'"
+
+
+def test_without_safetensors_predict_and_convert_name_the_extra(tmp_path, monkeypatch, capsys):
+  for module in ("safetensors", "safetensors.numpy"):
+    monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
+  monkeypatch.setenv("DENSENET_JAX_CACHE", str(tmp_path / "cache"))
+  image = png_header_only(tmp_path / "x.png", 4, 4)
+  assert predict.main(["--weights", "densenet121", str(image)]) == 1
+  err = capsys.readouterr().err
+  assert err == (f"predict: error: Loading 'densenet121' (densenet121.tv_in1k.safetensors) needs "
+                 f"the 'safetensors' package, which the [weights] extra installs: {INSTALL} (or "
+                 f"pip install safetensors).\n")
+  assert not (tmp_path / "cache" / "downloads").exists()  # refused before downloading
+  (tmp_path / "w.safetensors").write_bytes(b"")
+  assert convert.main(["--from", "torchvision", "--model", "densenet121",
+                       str(tmp_path / "w.safetensors"), str(tmp_path / "out.npz")]) == 1
+  err = capsys.readouterr().err
+  assert err.startswith("convert: error: Reading w.safetensors needs the 'safetensors' package")
+  assert INSTALL in err and err.count("\n") == 1
+
+
+def test_without_h5py_or_pillow_the_extra_is_named(tmp_path, monkeypatch, capsys):
+  monkeypatch.setitem(sys.modules, "h5py", None)
+  (tmp_path / "w.h5").write_bytes(b"")
+  assert convert.main(["--from", "keras", str(tmp_path / "w.h5"), str(tmp_path / "o.npz")]) == 1
+  assert f"Reading Keras weights needs the 'h5py' package, which the [weights] extra installs: " \
+         f"{INSTALL}" in capsys.readouterr().err
+  for module in ("PIL", "PIL.Image"):
+    monkeypatch.setitem(sys.modules, module, None)
+  assert predict.main(["--weights", "x.npz", "x.png"]) == 1
+  assert capsys.readouterr().err == (
+      f"predict: error: Reading images needs the 'pillow' package, which the [weights] extra "
+      f"installs: {INSTALL} (or pip install pillow).\n")
