@@ -55,6 +55,8 @@ HELP = {
     "async_checkpoints": "write checkpoints in the background while training goes on",
     "eval_only": "evaluate the newest checkpoint of --workdir without training",
     "init_from": "pretrained weights to start from: a name (densenet121) or a converted .npz",
+    "compilation_cache_dir": "JAX's persistent compilation cache, shared by runs on this host "
+                             "('' turns it off): a relaunch loads its compiled steps",
 }
 
 
@@ -106,4 +108,5 @@ def get_config() -> ml_collections.ConfigDict:
   c.async_checkpoints = True  # write checkpoints in the background while training goes on
   c.eval_only = False
   c.init_from = ""  # a `python -m densenet_jax.convert` checkpoint to start from (fine-tuning)
+  c.compilation_cache_dir = "~/.cache/densenet_jax/jax_compilation_cache"
   return c

@@ -45,7 +45,9 @@ FAST_PATHS = {
         "xla_cpu_use_onednn": True,
         "xla_cpu_experimental_onednn_custom_call": True,
         "xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_REDUCE"}),
-    "tpu": FastPath(matmul_1x1=False, layer_barrier=False, channel_group=128),
+    # Grouping maps into 128-channel arrays saves 5% of the HBM bytes of DenseNet-BC-100 (k=12)
+    # but costs 2% of the bytes and 7% of the memory of a DenseNet-121-shaped net (k=32).
+    "tpu": FastPath(matmul_1x1=False, layer_barrier=False, channel_group=0),
     "gpu": FastPath(matmul_1x1=False, layer_barrier=False),
 }
 

@@ -1,6 +1,7 @@
 """The trainer run for real on CPU: tiny on-disk CIFAR-10, fake devices, SIGTERM, digits."""
 
 import json
+import re
 import os
 import pathlib
 import signal
@@ -16,7 +17,7 @@ import pytest
 
 from configs import default
 from densenet_jax import backends, models
-from train import checkpointing, input_pipeline, train
+from train import checkpointing, compilation, input_pipeline, train
 from train import step as step_lib
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -35,6 +36,7 @@ def tiny_config(tmp_path, **overrides):
   c.checkpoint_every_steps = 2
   c.lr_boundaries = ()
   c.shuffle_buffer = 64
+  c.compilation_cache_dir = ""  # one test turns it on; the others compile as they always did
   for k, v in overrides.items():
     c[k] = v
   return c
@@ -252,6 +254,26 @@ print("step", int(state.step), float(metrics["loss"]) > 0)
 
 
 @pytest.mark.slow
+def test_relaunch_loads_both_steps_from_the_compilation_cache(tmp_path, tiny_cifar10, capsys):
+  cache = tmp_path / "jax_cache"
+  try:
+    train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2,
+                                         compilation_cache_dir=str(cache)), str(tmp_path / "a"))
+    first = capsys.readouterr().out
+    assert "Compiled the train step in" in first and "compilation cache" not in first, first
+    assert any(cache.iterdir())
+    # A relaunch (here: resuming to a later step) loads the eval step. (XLA:CPU cannot
+    # serialize the CPU train step's YNNPACK fusions, so that one is compiled again here.)
+    train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3,
+                                         compilation_cache_dir=str(cache)), str(tmp_path / "a"))
+    out = capsys.readouterr().out
+    assert re.search(r"Compiled the eval step in [\d.]+ s \(loaded from the compilation "
+                     r"cache\)", out), out
+  finally:
+    compilation.disable_cache()
+
+
+@pytest.mark.slow
 def test_start_up_summary_and_resume_are_announced(tmp_path, tiny_cifar10, capsys):
   workdir = tmp_path / "run"
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
@@ -260,12 +282,15 @@ def test_start_up_summary_and_resume_are_announced(tmp_path, tiny_cifar10, capsy
                "data      cifar10: 40 train (train) / 40 eval (test), 10 classes",
                "devices   1 process(es) x 1 cpu device(s) = 1",
                "batch     8 global, 8 per process, 8 per device; eval 16",
-               "steps     5 per epoch, 2 in total", "Compiling the train step (first time only)",
-               "Compiled in "):
+               "steps     5 per epoch, 2 in total", "Compiling the eval step...",
+               "Compiling the train step...", "Compiled the train step in "):
     assert line in out, out
   assert "Resumed" not in out
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=2), str(workdir))
   assert "Run already complete at step 2; evaluating." in capsys.readouterr().out
+  # The final evaluation is recorded once; the rerun's is marked as a repeat.
+  kinds = [json.loads(line)["kind"] for line in (workdir / "metrics.jsonl").open()]
+  assert kinds.count("eval") == 1 and kinds[-1] == "reeval", kinds
   train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3), str(workdir))
   out = capsys.readouterr().out
   assert "Resumed from step 2 of 3." in out

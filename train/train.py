@@ -22,8 +22,8 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from densenet_jax import models
-from train import checkpointing, errors, preemption as preemption_lib, validation, workdir as workdir_lib
-from train.step import (TrainState, abstract_train_state, create_model, create_optimizer, create_train_state,
+from train import checkpointing, compilation, errors, preemption as preemption_lib, validation, workdir as workdir_lib
+from train.step import (TrainState, abstract_batch, abstract_train_state, create_model, create_optimizer, create_train_state,
                         global_batch, learning_rate_fn, lr_boundaries, make_eval_step, make_mesh,
                         make_train_step, warm_start, warmup_steps)
 
@@ -219,6 +219,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   lock = None
   try:
     run = prepare(config, path)
+    compilation.enable_cache(config.get("compilation_cache_dir", ""))
     if not config.eval_only:  # evaluation reads a finished run, possibly on a read-only disk
       lock = _acquire_lock(path)
       if jax.process_index() == 0:
@@ -244,7 +245,10 @@ def _train_and_evaluate(run: Run, preemption: preemption_lib.Preemption
     state, meta = restore_or_initialize(run, ckpt)
     step = int(_host(state.step))
     reporter.message("densenet-jax\n" + reporting.summary_block(_summary(run, state, bool(meta))))
-    eval_step = make_eval_step(run.model, run.mesh)
+    image = (config.image_size, config.image_size, run.info.channels)
+    eval_step = compilation.compile_step(
+        "eval", make_eval_step(run.model, run.mesh), state,
+        abstract_batch(run.mesh, run.batches.eval, image, eval_batch=True), say=reporter.message)
     if meta is not None:
       if meta.get("seed") != config.seed or meta.get("batch_size") != config.batch_size:
         reporter.message(
@@ -258,7 +262,8 @@ def _train_and_evaluate(run: Run, preemption: preemption_lib.Preemption
       reporter.message(f"Run already complete at step {step}; evaluating." if step >= run.total_steps
                        else f"Evaluating the checkpoint of step {step} (eval_only).")
       metrics = evaluate(run, state, eval_step)
-      reporter.write(step, "eval", metrics)
+      # A finished run's final evaluation is already in metrics.jsonl: mark this one a repeat.
+      reporter.write(step, "eval" if config.eval_only else "reeval", metrics)
       return state, metrics
     if meta is not None:
       reporter.message(f"Resumed from step {step} of {run.total_steps}.")
@@ -287,10 +292,9 @@ def _train_loop(run: Run, state: TrainState, step: int, ckpt: checkpointing.Chec
   batches = input_pipeline.train_iterator(run.builder, config, run.batches.local_train,
                                           run.steps_per_epoch, step)
   batch = global_batch(run.mesh, next(batches))
-  reporter.message("Compiling the train step (first time only)...")
-  start = time.time()
-  train_step = make_train_step(run.model, run.tx, config, run.mesh).lower(state, batch).compile()
-  reporter.message(f"Compiled in {time.time() - start:.1f} s.")
+  train_step = compilation.compile_step(
+      "train", make_train_step(run.model, run.tx, config, run.mesh), state, batch,
+      say=reporter.message)
   preemption.start_training()
   reporter.start(step)
   history, window_start, window_steps = [], time.time(), 0

@@ -82,6 +82,8 @@ def problems(config: ml_collections.ConfigDict) -> list[str]:
        "must be increasing fractions of training in (0, 1), e.g. (0.5, 0.75)")
   need(isinstance(config.seed, int) and not isinstance(config.seed, bool), "seed",
        "must be an integer")
+  need(isinstance(config.get("compilation_cache_dir", ""), str), "compilation_cache_dir",
+       "must be a directory path, or '' to turn the cache off")
   return found
 
 
