@@ -165,3 +165,21 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_exact(t
   assert resumed.keys() == reference.keys() and resumed
   for k in resumed:
     np.testing.assert_array_equal(resumed[k], reference[k], err_msg=k)
+
+
+def test_ctrl_c_to_one_process_stops_both_at_one_step(tmp_path):
+  workdir = tmp_path / "run"
+  common = flags(tmp_path, workdir, "--config.train_split=train[:640]",
+                 "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000")
+  cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
+  procs = launch(cmd, 2, 2, tmp_path, "first")
+  wait_for_train_lines(workdir / "metrics.jsonl", 5)
+  procs[1].send_signal(signal.SIGINT)  # passed on to JAX's preemption service
+  codes = wait_all(procs, 200)
+  logs = [(tmp_path / f"first{i}.log").read_text() for i in range(2)]
+  assert codes == [0, 130], logs[1][-3000:]
+  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  assert len(saved) == 1 and 5 <= saved[0] < 400
+  assert f"Checkpointed step {saved[0]} after Ctrl-C; rerun the same command" in logs[1]
+  assert f"Checkpointed step {saved[0]} after a preemption notice" in logs[0]
+  assert "Traceback" not in logs[1] and "KeyboardInterrupt" not in logs[1]

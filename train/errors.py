@@ -5,6 +5,10 @@ class UserError(Exception):
   """A condition the user can fix (config, data, workdir, disk); the message names the fix."""
 
 
+class UsageError(UserError):
+  """The command line is wrong (flags, arguments): `train.main` exits 2, not 1."""
+
+
 class ConfigError(UserError, ValueError):
   """A config field has a value the trainer cannot run with."""
 

@@ -3,15 +3,29 @@
     python -m train.main --config configs/cifar_bc.py --workdir /tmp/run [--config.FIELD=VALUE ...]
     python -m train.main --config configs/cifar_bc.py --print_config   # every field, explained
 
-Mistakes (config, data, workdir, disk, checkpoints) end in one message naming the fix and exit
-code 1; --verbosity=1 (or DENSENET_JAX_TRACEBACK=1) adds the traceback.
+Exit codes: 0 done (or checkpointed after SIGTERM); 2 usage error (a bad flag, a missing config
+file); 1 a run-time failure the user can fix (config, data, workdir, disk, checkpoints: one
+message naming the fix; --verbosity=1 or DENSENET_JAX_TRACEBACK=1 adds the traceback); 130 after
+Ctrl-C (the first checkpoints the step reached, a second stops at once); 143 after a SIGTERM
+during start-up.
 """
 
 import contextlib
 import errno
 import logging as stdlib_logging
 import os
+import signal
 import sys
+
+
+def _ctrl_c_while_importing(signum, frame) -> None:
+  del signum, frame
+  os.write(2, b"Stopped by Ctrl-C during start-up: nothing was saved.\n")
+  os._exit(130)
+
+
+if __name__ == "__main__":  # imports take seconds: no KeyboardInterrupt traceback from them
+  signal.signal(signal.SIGINT, _ctrl_c_while_importing)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # before TF loads: no C++ info spam
 
@@ -21,7 +35,7 @@ from ml_collections import config_flags
 import jax
 
 from densenet_jax import pretrained
-from train import cli, distributed, errors, preemption, train
+from train import checkpointing, cli, distributed, errors, preemption, train
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
@@ -83,6 +97,17 @@ class _HideOrbaxTracebacks(stdlib_logging.Filter):
     return not (record.levelno >= stdlib_logging.ERROR and "/orbax/" in record.pathname)
 
 
+class _HideSigtermWordingAfterCtrlC(stdlib_logging.Filter):
+  """After a Ctrl-C, drops the trainer's SIGTERM-worded stop line: `main` prints the Ctrl-C one."""
+
+  def __init__(self, notice: preemption.Preemption):
+    super().__init__()
+    self.notice = notice
+
+  def filter(self, record: stdlib_logging.LogRecord) -> bool:
+    return not (self.notice.interrupted and str(record.msg).startswith("Preempted: checkpointed"))
+
+
 def _is_closed_loop_noise(exc: BaseException | None) -> bool:
   """Whether `exc` is the 'Event loop is closed' error tensorstore's callbacks raise once orbax
   has torn its loop down after a failed background write (the write's own error reaches
@@ -109,7 +134,7 @@ def _hide_closed_loop_noise() -> None:
 def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
   """Joins the distributed runtime if needed, then trains and evaluates."""
   if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=2)
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
     logging.get_absl_handler().addFilter(_HideOrbaxTracebacks())
@@ -117,10 +142,16 @@ def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
   if FLAGS.workdir is None:
     raise errors.ConfigError("--workdir is required (a directory for checkpoints and metrics), "
                              "e.g. --workdir=/tmp/run.")
-  distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
-                         FLAGS.process_id, FLAGS.heartbeat_timeout_seconds,
-                         FLAGS.initialization_timeout_seconds)
-  notice = preemption.Preemption()  # before anything slow: SIGTERM is handled from here on
+  try:
+    distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
+                           FLAGS.process_id, FLAGS.heartbeat_timeout_seconds,
+                           FLAGS.initialization_timeout_seconds)
+  except errors.ConfigError as e:  # inconsistent --distributed/--coordinator_address flags
+    raise errors.UsageError(str(e)) from e
+  # Before anything slow: SIGTERM and Ctrl-C are handled from here on.
+  notice = preemption.Preemption()
+  hide = _HideSigtermWordingAfterCtrlC(notice)
+  logging.get_absl_handler().addFilter(hide)
   try:
     _import_tensorflow_quietly()
     logging.info("JAX %s: %d processes, %d devices (%s).", jax.__version__,
@@ -128,6 +159,11 @@ def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
     return train.train_and_evaluate(FLAGS.config, FLAGS.workdir, notice)
   finally:
     notice.close()
+    _last_notice[0] = notice
+    logging.get_absl_handler().removeFilter(hide)
+
+
+_last_notice: list[preemption.Preemption | None] = [None]  # how `run` was stopped, for `main`
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -145,25 +181,44 @@ def _user_error(e: BaseException) -> str | None:
   return None
 
 
+def _usage_error(text: str) -> None:
+  """A bad command line: one line, exit 2 (run-time failures exit 1)."""
+  print(f"error: {text}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
 def main(argv: list[str]) -> None:
   """Trains and evaluates; prints the final test accuracy."""
   if FLAGS.config is None:
-    print("error: --config is required, e.g. --config configs/cifar_bc.py.", file=sys.stderr)
-    sys.exit(2)
+    _usage_error("--config is required, e.g. --config configs/cifar_bc.py.")
   if FLAGS.print_config:
     print(describe_config(FLAGS.config))
     return
+  if len(argv) > 1:
+    _usage_error(f"unexpected arguments {' '.join(argv[1:])}: flags take the form --name=value "
+                 f"(see --help).")
+  if FLAGS.workdir is None:
+    _usage_error("--workdir is required (a directory for checkpoints and metrics), e.g. "
+                 "--workdir=/tmp/run.")
   try:
-    _, metrics = run(argv)
+    state, metrics = run(argv)
   except (Exception, preemption.Preempted) as e:  # pylint: disable=broad-except
     message = _user_error(e)
     if message is None or FLAGS["verbosity"].present or os.environ.get("DENSENET_JAX_TRACEBACK"):
       raise
-    print(f"error: {message}", file=sys.stderr, flush=True)
-    _exit_now(143 if isinstance(e, preemption.Preempted) else 1)
+    if isinstance(e, preemption.Interrupted):
+      preemption.say(message)
+      _exit_now(preemption.EXIT_INTERRUPTED)
+    preemption.say(f"error: {message}")
+    _exit_now(preemption.EXIT_PREEMPTED if isinstance(e, preemption.Preempted) else
+              2 if isinstance(e, errors.UsageError) else 1)
   if metrics and jax.process_index() == 0:
     print(f"Final test accuracy: {metrics['accuracy']:.4f} "
           f"({int(metrics['examples'])} examples)", flush=True)
+  notice = _last_notice[0]
+  if not metrics and notice is not None and notice.interrupted:
+    preemption.say(preemption.stopped_text(int(checkpointing.host_value(state.step))))
+    _exit_now(preemption.EXIT_INTERRUPTED)
 
 
 def _exit_now(code: int) -> None:
