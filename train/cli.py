@@ -2,24 +2,74 @@
 
 from __future__ import annotations
 
+import ast
+import os
 import re
 import sys
 
 from absl import flags
 
 
-def parse_flags(argv: list[str], doc: str) -> list[str]:
+def shipped_configs(configs_dir: str) -> str:
+  """'configs:' and one line per configs/*.py: its path and its docstring's first line."""
+  rows = []
+  for name in sorted(os.listdir(configs_dir)):
+    if not name.endswith(".py") or name.startswith("_"):
+      continue
+    path = os.path.join(configs_dir, name)
+    try:
+      with open(path, encoding="utf-8") as f:
+        doc = ast.get_docstring(ast.parse(f.read())) or ""
+    except (OSError, SyntaxError, ValueError):
+      doc = ""
+    rows.append((f"configs/{name}", doc.strip().splitlines()[0] if doc.strip() else ""))
+  if not rows:
+    return ""
+  width = max(len(path) for path, _ in rows)
+  return "configs:\n" + "\n".join(f"  {path:<{width}}  {doc}".rstrip() for path, doc in rows)
+
+
+def _config_load_error(FLAGS, error: BaseException | None = None) -> str | None:  # pylint: disable=invalid-name
+  """Why a config file could not be loaded, if one could not: ml_collections defers that error
+  to the first access of the config (deep inside a run, as two tracebacks), or raises it while
+  applying a --config.FIELD override."""
+  texts = [str(error)] if error is not None and re.search(
+      "Failed loading config file|earlier failure to load", str(error)) else []
+  for name in FLAGS:
+    value = FLAGS[name].value
+    if type(value).__name__ == "_ErrorConfig":
+      texts.append(str(object.__getattribute__(value, "_error")))
+  for text in texts:
+    found = re.search(r"\[Errno \d+\] ([^:\n]+)(?:: '([^'\n]+)')?", text)
+    if found:
+      return (f"cannot load the config file {found.group(2) or ''}: {found.group(1)}. Pass a "
+              f"config file such as configs/cifar_bc.py (--help lists them).").replace(" :", ":")
+    return f"{text.splitlines()[-1].strip()}. Pass a config file such as configs/cifar_bc.py."
+  return None
+
+
+def parse_flags(argv: list[str], doc: str, configs_dir: str | None = None) -> list[str]:
   """absl flag parsing whose errors (a typo in a config field, say) are one clean line.
 
-  `--help` prints `doc` and the flags; usage errors exit 2.
+  `--help` prints `doc`, the shipped configs (those in `configs_dir`) and the flags; usage
+  errors exit 2.
   """
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if any(a in ("-h", "--help", "-?") for a in argv[1:]):
-    print(doc.strip() + "\n\nflags:\n" + FLAGS.main_module_help())
+    configs = shipped_configs(configs_dir) if configs_dir and os.path.isdir(configs_dir) else ""
+    try:
+      print(doc.strip() + ("\n\n" + configs if configs else "") + "\n\nflags:\n" +
+            FLAGS.main_module_help(), flush=True)
+    except BrokenPipeError:  # `--help | head`
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     sys.exit(0)
   try:
-    return FLAGS(argv)
-  except (flags.Error, AttributeError, KeyError, ValueError, TypeError) as e:
+    remaining = FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, ValueError, TypeError, OSError) as e:
+    text = _config_load_error(FLAGS, e)  # a missing file makes its overrides unknown flags
+    if text is not None:
+      print(f"error: {text}", file=sys.stderr)
+      sys.exit(2)
     text = str(e)
     if isinstance(e, (AttributeError, KeyError)):  # ml_collections: no such field
       raw = str(e.args[0] if e.args else e)
@@ -30,3 +80,8 @@ def parse_flags(argv: list[str], doc: str) -> list[str]:
     print(f"error: {text}\nSee the fields with --print_config, the flags with --help.",
           file=sys.stderr)
     sys.exit(2)
+  text = _config_load_error(FLAGS)
+  if text is not None:
+    print(f"error: {text}", file=sys.stderr)
+    sys.exit(2)
+  return remaining
