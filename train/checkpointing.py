@@ -61,6 +61,12 @@ class Checkpointer:
                asynchronous: bool = True, read_only: bool = False):
     self.directory = workdir / "checkpoints"
     self.quarantine = workdir / "checkpoints_corrupt"
+    for folder in (self.directory, self.quarantine):
+      # orbax would only fail at the first save, after compiling and training.
+      if folder.exists() and not folder.is_dir():
+        raise errors.WorkdirError(
+            f"{folder} is a file, but the trainer keeps its checkpoints in a directory of that "
+            f"name. Move the file away (or choose another --workdir) and rerun.")
     self.every_steps = every_steps
     self.read_only = read_only
     self.manager = ocp.CheckpointManager(

@@ -11,6 +11,8 @@ from absl import logging
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from train import errors
+
 NAME = "sklearn_digits"
 VERSION = "1.0.0"
 NUM_TEST = 360  # the remaining 1437 images train
@@ -20,8 +22,15 @@ def builder(data_dir: str | None) -> tfds.core.DatasetBuilder:
   """Returns the digits builder under data_dir, writing the dataset there on first use."""
   data_dir = os.path.expanduser(data_dir or "~/tensorflow_datasets")
   folder = os.path.join(data_dir, NAME, VERSION)
+  fix = f"Delete {os.path.join(data_dir, NAME)} and rerun: it is written again from scikit-learn."
   if os.path.exists(os.path.join(folder, "dataset_info.json")):
-    return tfds.builder_from_directory(folder)
+    try:
+      return tfds.builder_from_directory(folder)
+    except tfds.core.dataset_info.DatasetInfoFileError as e:
+      raise errors.DatasetError(f"{folder}/dataset_info.json cannot be read. {fix}") from e
+  if os.path.isdir(folder) and os.listdir(folder):
+    raise errors.DatasetError(f"{folder} holds files but no dataset_info.json (an interrupted "
+                              f"first run or copy). {fix}")
   print(f"Writing scikit-learn's 1,797 handwritten digits as a tfds dataset to {folder} "
         f"(first run only; no download).", flush=True)
   from sklearn import datasets  # pylint: disable=g-import-not-at-top

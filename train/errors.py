@@ -13,6 +13,10 @@ class ConfigError(UserError, ValueError):
   """A config field has a value the trainer cannot run with."""
 
 
+class DatasetError(UserError):
+  """The dataset's files are missing, damaged or do not match its metadata."""
+
+
 class WorkdirError(UserError):
   """The workdir cannot be used: held by another run, unwritable, or needs a decision."""
 

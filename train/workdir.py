@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import socket
 import time
 from typing import Any
@@ -53,7 +54,15 @@ class Lock:
       logging.warning("%s is not a local path: it cannot be locked, so make sure no other run "
                       "uses it.", self.path.parent)
       return
-    fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      if e.errno == errno.ENOSPC:
+        raise errors.DiskFullError(full_text(self.path.parent)) from e
+      raise errors.WorkdirError(
+          f"Cannot write to --workdir={self.path.parent}: {e.strerror or e}. Choose a writable "
+          f"directory (a finished run on a read-only disk can still be evaluated with "
+          f"--config.eval_only=True).") from e
     try:
       fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as e:
@@ -102,12 +111,32 @@ def _holder_text(holder: dict[str, Any]) -> str:
           f"{holder.get('started', '?')}")
 
 
+def full_text(path: epath.Path, needed: int | None = None) -> str:
+  """The message for a full disk under `path`: free bytes (and needed ones, when known)."""
+  try:
+    free = f"{shutil.disk_usage(path).free:,} bytes free"
+  except OSError:
+    free = "no space left"
+  need = f", a checkpoint needs about {needed:,}" if needed else ""
+  return (f"The disk holding --workdir={path} is full ({free}{need}). Free space (or choose "
+          f"another --workdir) and rerun the same command: it resumes from the newest complete "
+          f"checkpoint.")
+
+
 def write_config(path: epath.Path, config_json: str) -> None:
   """`config.json` (the latest launch) plus `configs/<timestamp>.json` (every launch)."""
   stamp = time.strftime("%Y%m%d-%H%M%S")
   history = path / "configs"
-  history.mkdir(parents=True, exist_ok=True)
-  (history / f"{stamp}-{os.getpid()}.json").write_text(config_json)
-  tmp = path / "config.json.tmp"
-  tmp.write_text(config_json)
-  tmp.replace(path / "config.json")  # never a half-written config.json
+  try:
+    history.mkdir(parents=True, exist_ok=True)
+    (history / f"{stamp}-{os.getpid()}.json").write_text(config_json)
+    tmp = path / "config.json.tmp"
+    tmp.write_text(config_json)
+    tmp.replace(path / "config.json")  # never a half-written config.json
+  except OSError as e:
+    if e.errno == errno.ENOSPC:
+      raise errors.DiskFullError(full_text(path)) from e
+    if isinstance(e, (NotADirectoryError, FileExistsError, PermissionError)) or e.errno == errno.EROFS:
+      raise errors.WorkdirError(f"Cannot write the config into --workdir={path}: {e}. Choose a "
+                                f"writable directory (or move what is in the way).") from e
+    raise
