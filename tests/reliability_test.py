@@ -1,12 +1,14 @@
 """A run never loses, clobbers or poisons its state: each failure of the reliability issue, replayed."""
 
 import json
+import re
 import os
 import pathlib
 import signal
 import subprocess
 import sys
 import time
+import types
 
 import jax
 import jax.numpy as jnp
@@ -298,3 +300,48 @@ def test_cli_full_disk_is_one_clear_message(tmp_path, small_disk):
   steps = checkpoint_steps(small_disk / "run")
   assert steps  # what was saved before the disk filled is complete and restores
   assert all_finite(saved_params(small_disk / "run", steps[-1]))
+
+
+def test_checkpoint_size_estimate_covers_a_real_checkpoint(tmp_path):
+  # Random values: orbax compresses, and the estimate is for arrays that do not compress.
+  state = {"w": jax.random.normal(jax.random.key(0), (300, 100)), "b": jnp.arange(7),
+           "step": jnp.int32(3)}
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 5, asynchronous=False)
+  ckpt.save(1, state, {"identity": {}})
+  ckpt.close()
+  on_disk = sum(f.stat().st_size for f in (tmp_path / "checkpoints" / "1").rglob("*")
+                if f.is_file())
+  estimate = checkpointing.checkpoint_bytes(jax.eval_shape(lambda: state))
+  assert on_disk <= estimate <= 3 * on_disk + (128 << 10), (on_disk, estimate)
+
+
+def test_too_little_free_space_fails_before_restoring_naming_free_and_needed(tmp_path,
+                                                                              monkeypatch):
+  abstract = {"w": jax.ShapeDtypeStruct((1000, 1000), jnp.float32)}
+  needed = checkpointing.checkpoint_bytes(abstract)
+  usage = lambda free: lambda path: types.SimpleNamespace(total=10 * needed, used=0, free=free)
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage", usage(needed - 1))
+  ckpt = checkpointing.Checkpointer(tmp_path, 1, 5, asynchronous=False)
+  with pytest.raises(errors.DiskFullError,
+                     match=rf"has {needed - 1:,} bytes free, but a checkpoint of this run needs "
+                           rf"about {needed:,}. Free space"):
+    ckpt.restore(abstract, {})
+  monkeypatch.setattr(checkpointing.shutil, "disk_usage", usage(needed))
+  assert ckpt.restore(abstract, {}) is None  # room for one checkpoint: the run may start
+  ckpt.close()
+
+
+@pytest.mark.slow
+def test_cli_rerun_on_a_still_full_disk_fails_before_compiling(tmp_path, small_disk):
+  args = ("--config.checkpoint_every_steps=1", "--config.num_train_steps=40",
+          "--config.keep_checkpoints=100")
+  first = subprocess.run(_cli(small_disk / "run", tmp_path / "tfds", *args), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert first.returncode == 1 and "full" in first.stderr, first.stderr[-2000:]
+  again = subprocess.run(_cli(small_disk / "run", tmp_path / "tfds", *args), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
+  assert again.returncode == 1, again.stderr[-2000:]
+  assert re.fullmatch(r"error: The disk holding --workdir=\S+ has [\d,]+ bytes free, but a "
+                      r"checkpoint of this run needs about [\d,]+\. Free space.*\n",
+                      again.stderr), again.stderr[-2000:]
+  assert "Compiling" not in again.stdout  # nothing compiled, nothing trained

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
+import shutil
 import time
 from typing import Any
 
@@ -47,6 +49,44 @@ def array_record(state: Any) -> tuple[dict[str, list[Any]], list[str]]:
     if np.issubdtype(value.dtype, np.inexact) and not np.all(np.isfinite(value)):
       non_finite.append(key)
   return record, non_finite
+
+
+def checkpoint_bytes(abstract_state: Any) -> int:
+  """About how many bytes one checkpoint of `abstract_state` (shapes and dtypes, e.g. from
+  jax.eval_shape) takes on disk: the arrays uncompressed plus orbax's per-array metadata and
+  files (measured on the digits model: 166 KB of arrays in 78 leaves took 267 KB)."""
+  leaves = jax.tree_util.tree_leaves(abstract_state)
+  data = 0
+  for leaf in leaves:
+    try:
+      itemsize = np.dtype(leaf.dtype).itemsize
+    except TypeError:  # typed PRNG keys: two uint32 words
+      itemsize = 8
+    data += math.prod(leaf.shape) * itemsize
+  return int(data * 1.1) + 1536 * len(leaves) + (64 << 10)
+
+
+def check_free_space(workdir: epath.Path, abstract_state: Any) -> None:
+  """Raises DiskFullError unless the disk holding a local `workdir` has room for one more
+  checkpoint of `abstract_state`: a rerun on a full disk then fails before compiling, not at
+  its first save. Every process calls it; process 0 decides (the workdir is shared)."""
+  needed = checkpoint_bytes(abstract_state)
+  free = -1
+  if jax.process_index() == 0 and "://" not in str(workdir):
+    try:
+      free = shutil.disk_usage(workdir).free
+    except OSError:
+      free = -1  # cannot tell: let the first save find out
+  if jax.process_count() > 1:  # in KiB: int32 without jax_enable_x64
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    kib = multihost_utils.broadcast_one_to_all(np.int32(min(free >> 10, 2**31 - 1)
+                                                        if free >= 0 else -1))
+    free = int(kib) << 10 if int(kib) >= 0 else -1
+  if 0 <= free < needed:
+    raise errors.DiskFullError(
+        f"The disk holding --workdir={workdir} has {free:,} bytes free, but a checkpoint of "
+        f"this run needs about {needed:,}. Free space (or choose another --workdir) and rerun "
+        f"the same command: it resumes from the newest complete checkpoint.")
 
 
 def json_round_trip(value: Any) -> Any:
@@ -101,7 +141,13 @@ class Checkpointer:
 
   def restore(self, abstract_state: Any, identity: dict[str, Any]
               ) -> tuple[Any, dict[str, Any]] | None:
-    """The newest intact (state, meta) of this run; None if the workdir has no checkpoint."""
+    """The newest intact (state, meta) of this run; None if the workdir has no checkpoint.
+
+    A writable checkpointer first checks that one more checkpoint fits on the disk: this is
+    where a run first knows its state's size, before anything is compiled.
+    """
+    if not self.read_only:
+      check_free_space(self.directory.parent, abstract_state)
     identity = json_round_trip(identity)
     steps = sorted(self.manager.all_steps(), reverse=True)
     for step in steps:
