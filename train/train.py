@@ -116,9 +116,7 @@ def restore_or_initialize(run: Run, ckpt: checkpointing.Checkpointer
     raise errors.CheckpointError(
         f"eval_only: no checkpoint in {ckpt.directory}. Train first, or point --workdir at a "
         f"finished run.")
-  # XLA:CPU compiles the partitionable threefry ~10x slower; accelerators keep the default.
-  with jax.threefry_partitionable(jax.default_backend() != "cpu"):
-    state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
+  state = jax.jit(init, out_shardings=replicated)(jax.random.key(config.seed))
   if config.init_from:
     state = jax.device_put(warm_start(state, config.init_from, run.tx), replicated)
   return state, None
