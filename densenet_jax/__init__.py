@@ -4,4 +4,4 @@ from densenet_jax import losses, models
 from densenet_jax.models import DenseNet, get_model, list_models
 
 __all__ = ["losses", "models", "DenseNet", "get_model", "list_models"]
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # CHANGELOG.md
