@@ -10,6 +10,8 @@ import argparse
 import functools
 import json
 import math
+import sys
+import time
 from typing import Any
 
 import jax
@@ -126,10 +128,14 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--json", action="store_true", help="print JSON lines")
   args = parser.parse_args(argv)
   rows = []
-  for name in args.models:
+  for i, name in enumerate(args.models):
+    start = time.perf_counter()
     rows.append(summarize(name, memory=not args.no_memory))
     if args.json:
       print(json.dumps(rows[-1]), flush=True)
+    elif not args.no_memory:  # two training-step compiles per model: say where it is
+      print(f"[{i + 1}/{len(args.models)}] {name}: {time.perf_counter() - start:.1f} s",
+            file=sys.stderr, flush=True)
   if not args.json:
     print(markdown(rows))
     if not args.no_memory:
