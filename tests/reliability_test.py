@@ -1,9 +1,9 @@
 """A run never loses, clobbers or poisons its state: each failure of the reliability issue, replayed."""
 
 import json
-import re
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
