@@ -75,7 +75,7 @@ def preprocess(image: Any, resize: int = imagenet.RESIZE, crop: int = imagenet.C
                mean: Sequence[float] = imagenet.MEAN,
                std: Sequence[float] = imagenet.STD) -> np.ndarray:
   """A PIL image -> (crop, crop, 3) float32, as torchvision's Resize+CenterCrop+Normalize."""
-  Image = _pil()
+  _pil()  # Pillow is there, or one line naming the extra
   if resize < 1 or crop < 1:
     raise ValueError(f"resize and crop must be at least 1 pixel, not {resize} and {crop}")
   image = to_rgb(image)

@@ -1,7 +1,6 @@
 """The command line's contract: usage errors exit 2 in one line, --help lists the shipped configs."""
 
 import ast
-import pathlib
 import subprocess
 import sys
 

@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
 from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
@@ -314,9 +313,7 @@ def _train_loop(run: Run, state: TrainState, step: int, ckpt: checkpointing.Chec
     if stop or ckpt.due(step) or step == run.total_steps:
       ckpt.save(step, state, meta)
     if stop:
-      reporter.message(f"Checkpointed step {step} after a preemption notice (SIGTERM); "
-                       f"rerun the same command to resume.")
-      logging.warning("Preempted: checkpointed step %d; exiting.", step)
+      preemption.report_stop(step, reporter.message)
       return state, {}
     if step < run.total_steps:
       if step % run.steps_per_epoch == 0 and (
