@@ -1,6 +1,6 @@
 """The speed choices that differ per backend, in one table that the model and the trainer read.
 
-Every choice computes the same function (tests/test_reference.py holds each combination equal
+Every choice computes the same function (tests/reference_test.py holds each combination equal
 to a textbook DenseNet); they differ only in what each compiler makes fast. They were measured
 on XLA:CPU with timed steps and on TPU with the compiler's own per-chip HBM bytes and memory
 from ahead-of-time compiles (`python -m train.plan`); docs/performance.md has the figures.

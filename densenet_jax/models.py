@@ -10,7 +10,7 @@ Parameter names follow torchvision (`conv0`, `norm0`, `denseblock1/denselayer1/n
 `transition1/conv`, ...) so that weight conversion is a rename, not a puzzle.
 
 The defaults are fast versions of nn.Conv and nn.BatchNorm that compute the same function
-(tests/test_reference.py holds the model equal to a textbook one; docs/performance.md has the
+(tests/reference_test.py holds the model equal to a textbook one; docs/performance.md has the
 measurements): `BatchNorm` normalises a block's concatenated maps from moments computed once
 per map (`DenseFeatures`), `Conv` runs 1x1 kernels as matmuls on the backends where that is
 faster, and on XLA:CPU each block's gradients accumulate layer by layer. What each backend
@@ -155,10 +155,15 @@ class BatchNorm(nn.BatchNorm):
     """Normalises `x`, or the concatenation of a `DenseFeatures` that carries moments."""
     if not isinstance(x, DenseFeatures):
       return super().__call__(x, use_running_average, **kwargs)
+    given = use_running_average  # flax merges it again: pass on what the caller gave
     use_running_average = nn.merge_param("use_running_average", self.use_running_average,
                                          use_running_average)
-    if x.moments is None or use_running_average:
-      return super().__call__(x.concat(), use_running_average, **kwargs)
+    # The shared moments are per-channel means over the whole batch (fast variance); any other
+    # option of nn.BatchNorm gets flax's own forward on the concatenation.
+    plain = (self.axis not in (-1, x.maps[0].ndim - 1) or self.axis_index_groups is not None
+             or not self.use_fast_variance or kwargs.get("mask") is not None)
+    if x.moments is None or use_running_average or plain:
+      return super().__call__(x.concat(), given, **kwargs)
     moments = jnp.concatenate(x.moments, axis=-1)
     if self.axis_name is not None and not self.is_initializing():
       moments = jax.lax.pmean(moments, self.axis_name)
@@ -498,10 +503,17 @@ def _check_config(m: DenseNet) -> None:
 _REGISTRY: dict[str, Callable[..., DenseNet]] = {}
 
 
-def register(fn: Callable[..., DenseNet]) -> Callable[..., DenseNet]:
-  """Adds a preset constructor to the registry under its function name."""
-  _REGISTRY[fn.__name__] = fn
-  return fn
+def preset(name: str, doc: str, build: Callable[..., DenseNet],
+           **defaults: Any) -> Callable[..., DenseNet]:
+  """Registers `build(**defaults)` under `name`; keyword arguments override the defaults."""
+
+  def make(**kwargs: Any) -> DenseNet:
+    return build(**(defaults | kwargs))
+
+  make.__name__ = make.__qualname__ = name
+  make.__doc__ = doc
+  _REGISTRY[name] = make
+  return make
 
 
 def list_models() -> list[str]:
@@ -551,76 +563,33 @@ def densenet_imagenet(block_config: Sequence[int], growth_rate: int = 32,
   return DenseNet(**{**defaults, **kwargs})
 
 
-@register
-def densenet40(**kwargs: Any) -> DenseNet:
-  """DenseNet (L=40, k=12), 1.0M parameters."""
-  return densenet_cifar(**(dict(depth=40, growth_rate=12, bottleneck=False) | kwargs))
-
-
-@register
-def densenet100_k12(**kwargs: Any) -> DenseNet:
-  """DenseNet (L=100, k=12), 7.0M parameters."""
-  return densenet_cifar(**(dict(depth=100, growth_rate=12, bottleneck=False) | kwargs))
-
-
-@register
-def densenet100_k24(**kwargs: Any) -> DenseNet:
-  """DenseNet (L=100, k=24), 27.2M parameters."""
-  return densenet_cifar(**(dict(depth=100, growth_rate=24, bottleneck=False) | kwargs))
-
-
-@register
-def densenet_bc_100(**kwargs: Any) -> DenseNet:
-  """DenseNet-BC (L=100, k=12), 0.8M parameters."""
-  return densenet_cifar(**(dict(depth=100, growth_rate=12) | kwargs))
-
-
-@register
-def densenet_bc_250(**kwargs: Any) -> DenseNet:
-  """DenseNet-BC (L=250, k=24), 15.3M parameters."""
-  return densenet_cifar(**(dict(depth=250, growth_rate=24) | kwargs))
-
-
-@register
-def densenet_bc_190(**kwargs: Any) -> DenseNet:
-  """DenseNet-BC (L=190, k=40), 25.6M parameters."""
-  return densenet_cifar(**(dict(depth=190, growth_rate=40) | kwargs))
-
-
-@register
-def densenet_bc(**kwargs: Any) -> DenseNet:
-  """DenseNet-BC of any depth L ((L-4)/6 layers per block) and growth rate k; 100 and 12 by default."""
-  return densenet_cifar(**(dict(depth=100, growth_rate=12) | kwargs))
-
-
-@register
-def densenet121(**kwargs: Any) -> DenseNet:
-  """DenseNet-121 (k=32), 7,978,856 parameters."""
-  return densenet_imagenet(**(dict(block_config=(6, 12, 24, 16)) | kwargs))
-
-
-@register
-def densenet161(**kwargs: Any) -> DenseNet:
-  """DenseNet-161 (k=48, 96-channel stem), 28,681,000 parameters."""
-  return densenet_imagenet(**(dict(block_config=(6, 12, 36, 24), growth_rate=48) | kwargs))
-
-
-@register
-def densenet169(**kwargs: Any) -> DenseNet:
-  """DenseNet-169 (k=32), 14,149,480 parameters."""
-  return densenet_imagenet(**(dict(block_config=(6, 12, 32, 32)) | kwargs))
-
-
-@register
-def densenet201(**kwargs: Any) -> DenseNet:
-  """DenseNet-201 (k=32), 20,013,928 parameters."""
-  return densenet_imagenet(**(dict(block_config=(6, 12, 48, 32)) | kwargs))
-
-
-@register
-def densenet264(**kwargs: Any) -> DenseNet:
-  """DenseNet-264 (k=32); the paper's name, though the layer count is 265."""
-  return densenet_imagenet(**(dict(block_config=(6, 12, 64, 48)) | kwargs))
+# The paper's nets (Table 1 and Table 2), in paper order.
+densenet40 = preset("densenet40", "DenseNet (L=40, k=12), 1.0M parameters.",
+                    densenet_cifar, depth=40, growth_rate=12, bottleneck=False)
+densenet100_k12 = preset("densenet100_k12", "DenseNet (L=100, k=12), 7.0M parameters.",
+                         densenet_cifar, depth=100, growth_rate=12, bottleneck=False)
+densenet100_k24 = preset("densenet100_k24", "DenseNet (L=100, k=24), 27.2M parameters.",
+                         densenet_cifar, depth=100, growth_rate=24, bottleneck=False)
+densenet_bc_100 = preset("densenet_bc_100", "DenseNet-BC (L=100, k=12), 0.8M parameters.",
+                         densenet_cifar, depth=100, growth_rate=12)
+densenet_bc_250 = preset("densenet_bc_250", "DenseNet-BC (L=250, k=24), 15.3M parameters.",
+                         densenet_cifar, depth=250, growth_rate=24)
+densenet_bc_190 = preset("densenet_bc_190", "DenseNet-BC (L=190, k=40), 25.6M parameters.",
+                         densenet_cifar, depth=190, growth_rate=40)
+densenet_bc = preset("densenet_bc", "DenseNet-BC of any depth L ((L-4)/6 layers per block) and "
+                     "growth rate k; 100 and 12 by default.", densenet_cifar, depth=100,
+                     growth_rate=12)
+densenet121 = preset("densenet121", "DenseNet-121 (k=32), 7,978,856 parameters.",
+                     densenet_imagenet, block_config=(6, 12, 24, 16))
+densenet161 = preset("densenet161", "DenseNet-161 (k=48, 96-channel stem), 28,681,000 "
+                     "parameters.", densenet_imagenet, block_config=(6, 12, 36, 24),
+                     growth_rate=48)
+densenet169 = preset("densenet169", "DenseNet-169 (k=32), 14,149,480 parameters.",
+                     densenet_imagenet, block_config=(6, 12, 32, 32))
+densenet201 = preset("densenet201", "DenseNet-201 (k=32), 20,013,928 parameters.",
+                     densenet_imagenet, block_config=(6, 12, 48, 32))
+densenet264 = preset("densenet264", "DenseNet-264 (k=32); the paper's name, though the layer "
+                     "count is 265.", densenet_imagenet, block_config=(6, 12, 64, 48))
 
 
 def native_input_shape(model: DenseNet, batch_size: int = 1) -> tuple[int, int, int, int]:

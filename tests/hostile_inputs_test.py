@@ -176,7 +176,7 @@ def checkpoint_file(tmp_path_factory) -> pathlib.Path:
   model = models.get_model("densenet40")
   rng = np.random.default_rng(0)
   flat = {k: rng.normal(size=s.shape).astype(np.float32)
-          for k, s in pretrained.abstract_variables(model).items()}
+          for k, s in pretrained.flat_variable_shapes(model).items()}
   variables = pretrained.check_and_unflatten(flat, model, "test")
   path = tmp_path_factory.mktemp("ck") / "densenet40.npz"
   pretrained.save(path, "densenet40", model, variables, "torchvision")

@@ -117,7 +117,7 @@ def cache(tmp_path, monkeypatch) -> pathlib.Path:
 def weights() -> tuple[dict, bytes]:
   """Random densenet40 variables and the same as a torchvision-style .safetensors file."""
   model = models.get_model("densenet40")
-  shapes = pretrained.abstract_variables(model)
+  shapes = pretrained.flat_variable_shapes(model)
   rng = np.random.default_rng(0)
   flat = {k: rng.normal(size=s.shape).astype(np.float32) for k, s in shapes.items()}
   state_dict = {}

@@ -416,3 +416,17 @@ def test_init_is_one_program_that_ignores_the_partitionable_threefry_setting():
                                   nn.Module.init(model, key, x, train=False))
   # XLA:CPU compiles the partitionable threefry ~10x slower: the initialisers never use it.
   assert texts[True] == texts[False]
+
+
+def test_batchnorm_options_the_shared_moments_do_not_cover_fall_back_to_flax():
+  # Exact variance (use_fast_variance=False) on inputs with a large mean: the shared moments'
+  # E[x^2] - E[x]^2 would differ in float32; the library's BatchNorm must give flax's numbers.
+  x = 100.0 + jax.random.normal(jax.random.key(0), (4, 8, 8, 3))
+  y = jax.random.normal(jax.random.key(1), (4, 8, 8, 2))
+  features = models.DenseFeatures.start(x, models.BatchNorm, train=True).append(y)
+  ours = models.BatchNorm(use_running_average=False, use_fast_variance=False)
+  flax_bn = nn.BatchNorm(use_running_average=False, use_fast_variance=False)
+  v = flax_bn.init(jax.random.key(2), features.concat())
+  out, _ = ours.apply(v, features, mutable=["batch_stats"])
+  expected, _ = flax_bn.apply(v, features.concat(), mutable=["batch_stats"])
+  np.testing.assert_array_equal(out, expected)

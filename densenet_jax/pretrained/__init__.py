@@ -26,7 +26,7 @@ from densenet_jax import models
 from densenet_jax.pretrained import checkpoint, common, hub
 from densenet_jax.pretrained.checkpoint import (BN_EPSILON, FORMAT, FORMAT_VERSION,
                                                 METADATA_KEY, SOURCES, convert, save)
-from densenet_jax.pretrained.common import (abstract_variables, check_and_unflatten,
+from densenet_jax.pretrained.common import (check_and_unflatten, flat_variable_shapes,
                                             guess_model)
 from densenet_jax.pretrained.hub import REGISTRY, WeightsError
 from densenet_jax.pretrained.keras import (from_keras, keras_layer_names, keras_module_path,
@@ -55,7 +55,7 @@ def load_with_metadata(weights: common.PathLike, **overrides: Any
 
 __all__ = [
     "BN_EPSILON", "FORMAT", "FORMAT_VERSION", "METADATA_KEY", "REGISTRY", "SOURCES",
-    "WeightsError", "abstract_variables", "check_and_unflatten", "convert", "from_keras",
+    "WeightsError", "check_and_unflatten", "flat_variable_shapes", "convert", "from_keras",
     "from_torchvision", "guess_model", "keras_layer_names", "keras_module_path",
     "keras_to_flat", "load", "load_with_metadata", "read_checkpoint", "read_keras",
     "read_torchvision", "save", "torchvision_to_flat",

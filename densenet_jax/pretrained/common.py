@@ -31,13 +31,13 @@ class Refused(ValueError):
   model, or it would expand to far more memory than the model can need."""
 
 
-def abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
+def flat_variable_shapes(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
   """The model's variables as flat '/'-paths -> shape/dtype, without allocating them."""
-  return dict(_abstract_variables(model))
+  return dict(_flat_variable_shapes(model))
 
 
 @functools.lru_cache(maxsize=16)
-def _abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
+def _flat_variable_shapes(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruct]:
   # Cached: a load checks headers first and the arrays after, each against the same model.
   tree = models.abstract_variables(model, models.native_input_shape(model))
   return traverse_util.flatten_dict(tree, sep="/")
@@ -45,7 +45,7 @@ def _abstract_variables(model: models.DenseNet) -> dict[str, jax.ShapeDtypeStruc
 
 def variable_bytes(model: models.DenseNet) -> int:
   """The model's variables' size in float32 bytes (computed without allocating them)."""
-  return sum(4 * int(np.prod(s.shape)) for s in abstract_variables(model).values())
+  return sum(4 * int(np.prod(s.shape)) for s in flat_variable_shapes(model).values())
 
 
 LARGEST = "densenet264"  # the preset with the most variables: bounds files of unknown model
@@ -85,7 +85,7 @@ def check_fits(flat: Mapping[str, Any], model: models.DenseNet, what: str,
     raise Refused(f"{what} has a classifier of {model.num_classes} classes, more than the "
                   f"{MAX_CLASSES} this reader accepts: refused before reading its arrays.")
   origin = origin or {}
-  abstract = abstract_variables(model)
+  abstract = flat_variable_shapes(model)
   expected = {k: abstract[k] for k in sorted(abstract, key=_network_order)}
   # Shape mismatches first: they say the most about which model the file really holds.
   mismatched = [f"{origin.get(k, k)!r} (-> {k}) has shape {tuple(flat[k].shape)} in the file "
