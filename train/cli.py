@@ -77,8 +77,8 @@ def parse_flags(argv: list[str], doc: str, configs_dir: str | None = None) -> li
       hint = re.search(r"Did you mean.*", raw.replace("\\n", "\n"))
       text = (f"no config field '{name.group(0) if name else raw}'. "
               f"{hint.group(0).rstrip(chr(39)) if hint else ''}").strip()
-    print(f"error: {text}\nSee the fields with --print_config, the flags with --help.",
-          file=sys.stderr)
+    see = "the fields with --print_config, " if "print_config" in FLAGS else ""
+    print(f"error: {text}\nSee {see}the flags with --help.", file=sys.stderr)
     sys.exit(2)
   text = _config_load_error(FLAGS)
   if text is not None:

@@ -476,4 +476,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__))
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(
+      argv, __doc__, configs_dir=os.path.join(os.path.dirname(os.path.dirname(
+          os.path.abspath(__file__))), "configs")))
