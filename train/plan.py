@@ -37,16 +37,20 @@ from ml_collections import config_flags
 from train import cli, errors
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
-flags.DEFINE_string("topology", "v5e:2x2",
-                    "A TPU slice: GENERATION:SHAPE, e.g. v5e:2x2, v5e:16x16, v6e:4x4, v4:2x2x1, "
-                    "v5p:2x2x1, tpu7x:2x2x1.")
-flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (multislice).")
-flags.DEFINE_bool("max_batch", True,
-                  "Also find the largest per-chip batch whose train step fits in HBM "
-                  "(usually 3 more compiles of the train step).")
-flags.DEFINE_bool("json", False, "Print one JSON object as the last line of the output.")
-flags.DEFINE_string("dump_hlo", None, "A folder for the optimised HLO text of both steps.")
+
+
+def _define_flags() -> None:
+  """The command line's flags (defined only when run as a program: train.main has --config too)."""
+  config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
+  flags.DEFINE_string("topology", "v5e:2x2",
+                      "A TPU slice: GENERATION:SHAPE, e.g. v5e:2x2, v5e:16x16, v6e:4x4, "
+                      "v4:2x2x1, v5p:2x2x1, tpu7x:2x2x1.")
+  flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (multislice).")
+  flags.DEFINE_bool("max_batch", True,
+                    "Also find the largest per-chip batch whose train step fits in HBM "
+                    "(usually 3 more compiles of the train step).")
+  flags.DEFINE_bool("json", False, "Print one JSON object as the last line of the output.")
+  flags.DEFINE_string("dump_hlo", None, "A folder for the optimised HLO text of both steps.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -476,6 +480,7 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
+  _define_flags()
   app.run(main, flags_parser=lambda argv: cli.parse_flags(
       argv, __doc__, configs_dir=os.path.join(os.path.dirname(os.path.dirname(
           os.path.abspath(__file__))), "configs")))
