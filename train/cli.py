@@ -3,11 +3,28 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import os
 import re
 import sys
+from typing import Iterator
 
 from absl import flags
+
+
+@contextlib.contextmanager
+def stderr_to(path: str) -> Iterator[None]:
+  """Sends file descriptor 2 to `path`: C++ libraries (TF, libtpu) print start-up noise there."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(path, "w") as sink:
+      os.dup2(sink.fileno(), 2)
+      yield
+  finally:
+    sys.stderr.flush()
+    os.dup2(saved, 2)
+    os.close(saved)
 
 
 def shipped_configs(configs_dir: str) -> str:

@@ -60,15 +60,8 @@ def _import_tensorflow_quietly() -> None:
   """Imports TF with its C++ start-up lines (oneDNN, absl pre-init) sent to /dev/null."""
   if "tensorflow" in sys.modules:
     return
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, "w") as devnull:
-      os.dup2(devnull.fileno(), 2)
-      with contextlib.suppress(ImportError):
-        import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
+  with cli.stderr_to(os.devnull), contextlib.suppress(ImportError):
+    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
 def describe_config(config) -> str:

@@ -15,16 +15,14 @@ shipped datasets.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
 import os
 import re
 import sys
-import tempfile
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 # Compiling for a topology needs libtpu but never a TPU: keep JAX itself on the CPU, and let
 # several planners (or tests) load libtpu at once.
@@ -115,21 +113,6 @@ def split_size(dataset: str, split: str, field: str = "train_split") -> int:
   return total
 
 
-@contextlib.contextmanager
-def _stderr_to(path: str) -> Iterator[None]:
-  """Sends file descriptor 2 to `path` (libtpu's C++ start-up warnings about a missing TPU)."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  try:
-    with open(path, "w") as sink:
-      os.dup2(sink.fileno(), 2)
-      yield
-  finally:
-    sys.stderr.flush()
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
 def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
   """The chip figures and the devices of a named TPU topology (one device per chip)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
@@ -143,17 +126,16 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
                              "pip install -e '.[tpu]'.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   chip = CHIPS[generation]
-  with tempfile.NamedTemporaryFile("r", suffix=".log") as log:
-    try:
-      with _stderr_to(log.name):
-        topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
-                                            chip_config_name=chip.chip_config,
-                                            num_slices=num_slices)
-    except Exception as e:  # pylint: disable=broad-except
-      raise errors.ConfigError(
-          f"--topology={topology} --num_slices={num_slices}: libtpu does not know this "
-          f"topology ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Use a slice "
-          f"shape Google Cloud sells, e.g. v5e:2x2, v5e:16x16, v6e:4x4, v4:2x2x1.") from e
+  try:
+    with cli.stderr_to(os.devnull):  # libtpu's warnings that no TPU is attached
+      topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                          chip_config_name=chip.chip_config,
+                                          num_slices=num_slices)
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.ConfigError(
+        f"--topology={topology} --num_slices={num_slices}: libtpu does not know this "
+        f"topology ({str(e).splitlines()[0] if str(e) else type(e).__name__}). Use a slice "
+        f"shape Google Cloud sells, e.g. v5e:2x2, v5e:16x16, v6e:4x4, v4:2x2x1.") from e
   return chip, list(topo.devices)
 
 
@@ -301,12 +283,7 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   chips = len(devices)
   processes = len({d.process_index for d in devices})
   batches = validation.batches(config, chips, processes)  # the trainer's own batch errors
-  steps_per_epoch = num_train // config.batch_size
-  if steps_per_epoch == 0:
-    raise errors.ConfigError(f"config.batch_size={config.batch_size} exceeds the {num_train} "
-                             f"training examples of {config.dataset}:{config.train_split}.")
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * steps_per_epoch)
+  steps_per_epoch, total_steps = validation.run_length(config, num_train)
   if model is None:
     model = step_lib.create_model(config, num_classes, channels, platform="tpu")
   tx = step_lib.create_optimizer(

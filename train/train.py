@@ -21,10 +21,12 @@ from etils import epath
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from densenet_jax import models
-from train import checkpointing, compilation, errors, preemption as preemption_lib, validation, workdir as workdir_lib
-from train.step import (TrainState, abstract_batch, abstract_train_state, create_model, create_optimizer, create_train_state,
-                        global_batch, learning_rate_fn, lr_boundaries, make_eval_step, make_mesh,
-                        make_train_step, warm_start, warmup_steps)
+from train import (checkpointing, compilation, errors, preemption as preemption_lib, validation,
+                   workdir as workdir_lib)
+from train.step import (TrainState, abstract_batch, abstract_train_state, create_model,
+                        create_optimizer, create_train_state, global_batch, learning_rate_fn,
+                        lr_boundaries, make_eval_step, make_mesh, make_train_step, warm_start,
+                        warmup_steps)
 
 if TYPE_CHECKING:
   import ml_collections
@@ -83,13 +85,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
         f"{config.dataset} images are {info.image_size}, but config.image_size="
         f"{config.image_size}: set --config.image_size={info.image_size[0]}, or use "
         f"--config.augment=imagenet to crop and resize.")
-  steps_per_epoch = info.num_train // config.batch_size
-  if steps_per_epoch == 0:
-    raise errors.ConfigError(
-        f"config.batch_size={config.batch_size} exceeds the {info.num_train} training "
-        f"examples of {config.dataset}:{config.train_split}.")
-  total_steps = (config.num_train_steps if config.num_train_steps > 0
-                 else config.num_epochs * steps_per_epoch)
+  steps_per_epoch, total_steps = validation.run_length(config, info.num_train)
   try:
     model = create_model(config, info.num_classes, info.channels)
   except (TypeError, ValueError) as e:

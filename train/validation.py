@@ -120,3 +120,15 @@ def batches(config: ml_collections.ConfigDict, devices: int, processes: int) -> 
   eval_batch = -(-config.eval_batch_size // devices) * devices
   return Batches(train=config.batch_size, local_train=config.batch_size // processes,
                  eval=eval_batch, local_eval=eval_batch // processes)
+
+
+def run_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
+  """(steps per epoch, total steps) over `num_train` examples, or a ConfigError if no step fits."""
+  steps_per_epoch = num_train // config.batch_size
+  if steps_per_epoch == 0:
+    raise errors.ConfigError(
+        f"config.batch_size={config.batch_size} exceeds the {num_train} training "
+        f"examples of {config.dataset}:{config.train_split}.")
+  total_steps = (config.num_train_steps if config.num_train_steps > 0
+                 else config.num_epochs * steps_per_epoch)
+  return steps_per_epoch, total_steps
