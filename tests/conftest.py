@@ -51,3 +51,26 @@ def tiny_cifar10(tmp_path, _cifar10_dir):
   """A prepared CIFAR-10 of 40 random examples per split at tmp_path / 'tfds'."""
   (tmp_path / "tfds").symlink_to(_cifar10_dir, target_is_directory=True)
   return tmp_path / "tfds"
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+  """mount(name, size): a tmpfs of `size` at tmp_path / name, unmounted after the test.
+
+  Needs root; the test is skipped where mounting is refused.
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  mounts = []
+
+  def mount(name: str, size: str):
+    path = tmp_path / name
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
+                      capture_output=True).returncode:
+      pytest.skip("cannot mount a tmpfs here (needs root)")
+    mounts.append(path)
+    return path
+
+  yield mount
+  for path in reversed(mounts):
+    subprocess.run(["umount", "-l", str(path)], check=False)

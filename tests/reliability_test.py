@@ -247,14 +247,8 @@ def test_cli_divergence_exits_nonzero_without_a_traceback(tmp_path):
 
 
 @pytest.fixture
-def small_disk(tmp_path):
-  mount = tmp_path / "disk"
-  mount.mkdir()
-  if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=600k", "tmpfs", str(mount)],
-                    capture_output=True).returncode:
-    pytest.skip("cannot mount a tmpfs here (needs root)")
-  yield mount
-  subprocess.run(["umount", "-l", str(mount)], check=False)
+def small_disk(tmpfs):
+  return tmpfs("disk", "600k")
 
 
 _NOISE = """
