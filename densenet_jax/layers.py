@@ -105,11 +105,11 @@ class DenseFeatures:
 
   maps: tuple[Array, ...]
   moments: tuple[Array, ...] | None  # one (2, C_i) per map; None when nothing reads them
-  group: int | None = flax.struct.field(pytree_node=False, default=None)
+  group: int = flax.struct.field(pytree_node=False, default=0)  # 0: one array per map
 
   @classmethod
   def start(cls, x: Array, norm: ModuleDef, train: bool,
-            group: int | None = None) -> DenseFeatures:
+            group: int = 0) -> DenseFeatures:
     """The block input as the first map; moments are kept when training with a `BatchNorm`."""
     shared = train and issubclass(module_class(norm), BatchNorm)
     return cls((x,), (batch_moments(x),) if shared else None, group)

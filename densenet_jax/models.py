@@ -85,7 +85,7 @@ class DenseBlock(nn.Module):
   norm: ModuleDef
   act: Callable[[Array], Array]
   layer_barrier: bool = False
-  channel_group: int | None = None
+  channel_group: int = 0  # 0: one array per map
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -197,8 +197,10 @@ class DenseNet(nn.Module):
     """`nn.Module.init`, compiled as one program.
 
     Run eagerly, init dispatches the forward pass op by op and XLA compiles each of its ~1,000
-    differently shaped ops (DenseNet-BC-100: 38 s); as one program the forward is dead code and
-    only the initialisers are compiled (12 s). Non-array arguments (e.g. `train`) stay static.
+    differently shaped ops (DenseNet-BC-100: 38 s at load 4); as one program the forward is dead
+    code and only the initialisers are compiled (about 6 s on 2 quiet cores, half the compile of
+    its training step; benchmarks/init_compile.py). Non-array arguments (e.g. `train`) stay
+    static.
     """
     static = tuple(i + 1 for i, a in enumerate(args)
                    if not isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)))
@@ -228,9 +230,10 @@ class DenseNet(nn.Module):
     """Logits (N, num_classes), pooled features if num_classes == 0, or stage maps."""
     self._check_input(x)
     fast = backends.fast_path()
-    conv = layers.configure(self.conv, dtype=self.dtype, param_dtype=self.param_dtype,
-                      use_bias=False, kernel_init=he_normal,
-                      matmul_1x1=fast.matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1)
+    conv = layers.configure(
+        self.conv, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
+        kernel_init=he_normal,
+        matmul_1x1=fast.matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1)
     layer_barrier = fast.layer_barrier if self.layer_barrier is None else self.layer_barrier
     group = fast.channel_group if self.channel_group is None else self.channel_group
     norm_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.bn_epsilon)
@@ -254,7 +257,7 @@ class DenseNet(nn.Module):
     for i, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
                      self.memory_efficient, conv, norm, act, layer_barrier=layer_barrier,
-                     channel_group=group or None, name=f"denseblock{i + 1}")(x, train)
+                     channel_group=group, name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
         x = Transition(channels[i][1], self.drop_rate, conv, norm, act,
