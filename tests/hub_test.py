@@ -2,6 +2,7 @@
 on 127.0.0.1 serving generated files: download, verification, conversion, the cache, the
 mirror, failure messages, resumption and one download for concurrent processes."""
 
+import dataclasses
 import hashlib
 import http.server
 import os
@@ -39,6 +40,7 @@ class Server(http.server.ThreadingHTTPServer):
     self.honour_range = True
     self.cut_next_at: int | None = None  # send only this many bytes of the next answer
     self.trickle_s = 0.0  # send the body one byte at a time, this far apart
+    self.head_trickle_s = 0.0  # send the status line and headers one byte at a time
     self.send_length = True  # False: no Content-Length, the body ends when the server closes
     self.endless = False  # after the body, send zeros until the client hangs up
     self.sent = 0  # body bytes written, over all answers
@@ -58,6 +60,9 @@ class Handler(http.server.BaseHTTPRequestHandler):
     body = s.files.get(self.path)
     if body is None:
       self.send_error(404)
+      return
+    if s.head_trickle_s:
+      self.trickle_head(f"HTTP/1.0 200 OK\r\nContent-Length: {len(body)}\r\n\r\n".encode(), body)
       return
     start = 0
     m = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
@@ -85,6 +90,20 @@ class Handler(http.server.BaseHTTPRequestHandler):
         self.wfile.write(bytes(1 << 16))
         s.sent += 1 << 16
     except (BrokenPipeError, ConnectionResetError):  # the client gave up, as it should
+      pass
+    self.close_connection = True
+
+  def do_CONNECT(self):  # noqa: N802 (a proxy's tunnel for HTTPS)
+    self.server.gets.append(("CONNECT " + self.path, None))
+    self.trickle_head(b"HTTP/1.0 200 Connection established\r\n\r\n", b"")
+
+  def trickle_head(self, head: bytes, body: bytes) -> None:
+    try:
+      for i in range(len(head)):
+        self.wfile.write(head[i:i + 1])
+        time.sleep(self.server.head_trickle_s)
+      self.wfile.write(body)
+    except (BrokenPipeError, ConnectionResetError):
       pass
     self.close_connection = True
 
@@ -295,15 +314,23 @@ def test_two_processes_loading_at_once_download_once(server, cache, weights, tmp
   assert sorted(waited) == [False, True]
 
 
-def test_pth_only_model_without_torch_says_so_before_downloading(cache, monkeypatch):
+def test_pth_only_model_without_torch_says_so_before_downloading(cache, monkeypatch, capsys):
   monkeypatch.setitem(sys.modules, "torch", None)  # as if torch were not installed
   with pytest.raises(pretrained.WeightsError) as e:
     pretrained.load("densenet169")
   msg = str(e.value)
   assert "densenet169-b2777c0a.pth, a PyTorch pickle that needs torch" in msg
   assert "'keras/densenet169' / 'keras/densenet169_notop' (torch-free)" in msg
-  with pytest.raises(pretrained.WeightsError, match="no torch-free file of this model"):
+  with pytest.raises(pretrained.WeightsError, match=r"densenet161\.tv_in1k\.bin, a PyTorch "
+                     "pickle that needs torch to read: pip install torch; no torch-free file"):
     pretrained.load("densenet161")
+  capsys.readouterr()
+  with pytest.raises(pretrained.WeightsError, match="densenet161-8d451a50.pth, a PyTorch pickle"):
+    pretrained.load("torchvision/densenet161")
+  # The warning comes first, and names the fully hashed copy of the same weights.
+  assert "only a 32-bit sha256 prefix (8d451a50) is published for densenet161-8d451a50.pth, so " \
+         "only that much of the file is checked. 'timm/densenet161' has the same weights, " \
+         "fully hashed." in capsys.readouterr().err
   assert not cache.exists()
 
 
@@ -326,8 +353,12 @@ def test_registry_pins_real_hashes_and_a_torch_free_source_per_model_where_publi
     assert source.model in models.list_models() and source.framework in pretrained.SOURCES
     assert by_file.setdefault(source.name, source) == source, f"{source.name} pinned twice"
   torch_free = {s.model for s in hub.REGISTRY.values() if not s.needs_torch}
-  assert torch_free == {"densenet121", "densenet169", "densenet201"}  # 161: only a .pth
+  assert torch_free == {"densenet121", "densenet169", "densenet201"}  # 161: only pickles
   assert not hub.REGISTRY["densenet121"].needs_torch
+  # A bare name takes a fully hashed file where one is published (timm's), else the prefix.
+  assert [n for n in ("densenet121", "densenet161", "densenet169", "densenet201")
+          if hub.REGISTRY[n].full_digest] == ["densenet121", "densenet161"]
+  assert hub.REGISTRY["densenet161"].name == "densenet161.tv_in1k.bin"
   # Bare names are torchvision's weights, as in torchvision and timm.
   assert all(hub.REGISTRY[f"densenet{n}"].framework == "torchvision"
              for n in (121, 161, 169, 201))
@@ -363,6 +394,33 @@ def test_a_trickling_server_is_cut_off_by_the_overall_deadline(server, cache, mo
   assert 0 < (cache / "downloads" / (FILE + ".part")).stat().st_size < len(data)
 
 
+@pytest.mark.parametrize("via_proxy", [False, True])
+def test_the_deadline_also_bounds_connecting_and_the_response_headers(server, cache, monkeypatch,
+                                                                     via_proxy):
+  data = bytes(range(256)) * 2
+  server.files["/w.safetensors"] = data
+  server.head_trickle_s = 0.3  # ~40 bytes in 12 s, each byte well within a socket timeout
+  url = server.url + "/w.safetensors"
+  if via_proxy:  # the proxy trickles its answer to CONNECT, before any TLS or HTTP
+    url = "https://weights.invalid/w.safetensors"
+    monkeypatch.setenv("https_proxy", server.url)
+    monkeypatch.delenv("no_proxy", raising=False)
+  register(monkeypatch, url, data, size=len(data))
+  monkeypatch.setenv(hub.DOWNLOAD_TIMEOUT_ENV, "1")
+  monkeypatch.setenv(hub.MIN_RATE_ENV, "0")  # off: only the deadline can stop it
+  started = time.monotonic()
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.load(NAME)
+  elapsed = time.monotonic() - started  # 12 s when only the body was bounded
+  assert elapsed < 4, elapsed
+  assert f"Cannot download 'tiny' from {url}: the download took longer than " \
+         f"{hub.DOWNLOAD_TIMEOUT_ENV}=1 s (0 bytes so far); raise it for a slow link." \
+         in str(e.value)
+  assert files_in(cache) == [f"locks/{FILE}.lock"]  # no headers, so no part was started
+  assert server.gets == [("CONNECT weights.invalid:443", None) if via_proxy else
+                         ("/w.safetensors", None)]
+
+
 def test_a_stalled_download_is_abandoned_below_the_minimum_rate(server, cache, monkeypatch):
   data = bytes(range(256)) * 2
   server.files["/w.safetensors"] = data
@@ -376,13 +434,17 @@ def test_a_stalled_download_is_abandoned_below_the_minimum_rate(server, cache, m
                            r"lower it for a slow link"):
     pretrained.load(NAME)
   assert time.monotonic() - started < 5
-  # A silent server is caught by the same window: the socket waits no longer than it.
-  server.trickle_s, server.delay_s = 0.0, 3.0
+  # A silent server, or one that trickles its headers, is caught by the same window.
   (cache / "downloads" / (FILE + ".part")).unlink()
-  started = time.monotonic()
-  with pytest.raises(pretrained.WeightsError, match="timed out"):
-    pretrained.load(NAME)
-  assert time.monotonic() - started < 2.5
+  for server.trickle_s, server.delay_s, server.head_trickle_s in [(0, 3, 0), (0, 0, 0.3)]:
+    started = time.monotonic()
+    with pytest.raises(pretrained.WeightsError,
+                       match=r"from \S+: the server sent no complete response headers in "
+                             rf"0\.5 s, the stall window of {hub.MIN_RATE_ENV}=1000; set it to 0 "
+                             r"for a slow server\. Without network"):
+      pretrained.load(NAME)
+    assert time.monotonic() - started < 2.5
+    assert files_in(cache) == [f"locks/{FILE}.lock"]
 
 
 @pytest.mark.parametrize("send_length", [False, True])
@@ -468,11 +530,33 @@ def test_prefix_pinned_sources_say_only_a_32_bit_prefix_is_checked(server, cache
              f"{FILE}, so only that much of the file is checked.")
   err = capsys.readouterr().err
   assert warning in err.splitlines()
-  assert all(not hub.REGISTRY[n].full_digest for n in ("densenet161", "torchvision/densenet121"))
+  assert all(not hub.REGISTRY[n].full_digest
+             for n in ("torchvision/densenet161", "torchvision/densenet121"))
   register(monkeypatch, server.url + "/w.safetensors", data)  # the full digest: no warning
   monkeypatch.setattr(hub, "_warned_prefix", set())
   pretrained.load(NAME)
   assert "warning" not in capsys.readouterr().err
+
+
+def test_a_full_digest_refuses_a_file_that_matches_only_its_prefix(server, cache, weights,
+                                                                  monkeypatch, capsys):
+  flat, data = weights
+  server.files["/w.safetensors"] = data
+  actual = hashlib.sha256(data).hexdigest()
+  # What about 2**32 tries buy against a prefix pin: a file whose first 8 hex digits agree.
+  pinned = actual[:8] + format(int(actual[8:], 16) ^ 1, "056x")
+  source = dataclasses.replace(register(monkeypatch, server.url + "/w.safetensors", data),
+                               digest=pinned)
+  monkeypatch.setitem(hub.REGISTRY, NAME, source)
+  assert source.full_digest
+  with pytest.raises(pretrained.WeightsError) as e:
+    pretrained.load(NAME)
+  assert f"{FILE} from {server.url}/w.safetensors has sha256 {actual}, not the pinned sha256 " \
+         f"{pinned}: refused and deleted, nothing cached" in str(e.value)
+  assert files_in(cache) == [f"locks/{FILE}.lock"]
+  assert "warning" not in capsys.readouterr().err  # a full pin has nothing to warn about
+  register(monkeypatch, server.url + "/w.safetensors", data, digest_len=8)  # the prefix alone
+  assert_same(pretrained.load(NAME)[1], flat)  # passes the very same file
 
 
 def test_a_damaged_cached_checkpoint_is_rebuilt_or_named_for_deletion(server, cache, weights,

@@ -4,9 +4,11 @@ verified before anything reads them, converted once and cached.
     DENSENET_JAX_CACHE   the cache root (default ~/.cache/densenet_jax)
     DENSENET_JAX_MIRROR  a URL prefix that replaces the original host: a file is fetched as
                          $DENSENET_JAX_MIRROR/<file name> (an internal mirror, air-gapped)
-    DENSENET_JAX_DOWNLOAD_TIMEOUT  seconds one download may take in all (default 1800)
+    DENSENET_JAX_DOWNLOAD_TIMEOUT  seconds one download may take in all: connecting, the
+                         response headers and the body (default 1800)
     DENSENET_JAX_MIN_RATE  bytes/s a download must average over every 30 s, else it is
-                         abandoned as stalled (default 10000; 0 turns the check off)
+                         abandoned as stalled; the response headers must be in within the
+                         first 30 s (default 10000; 0 turns the check off)
     DENSENET_JAX_LOCK_TIMEOUT  seconds to wait for another process's download and conversion
                          of the same file (default: the download timeout plus 600)
 
@@ -30,6 +32,7 @@ import os
 import pathlib
 import socket
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -48,7 +51,7 @@ DEFAULT_MIN_RATE = 10_000.0  # bytes/s
 STALL_WINDOW_S = 30.0  # the rate is averaged over this long, so short pauses pass
 _CONVERT_ALLOWANCE_S = 600.0  # a waiter also waits for the holder's conversion
 _CHUNK = 1 << 20
-_TIMEOUT_S = 60  # per socket operation; the deadline and stall check bound the whole download
+_TIMEOUT_S = 60  # per socket operation; the watchdog and stall check bound the whole download
 _warned_prefix: set[str] = set()
 T = TypeVar("T")
 
@@ -106,6 +109,7 @@ class Source:
 
 
 _TV = "https://download.pytorch.org/models/"
+_HF = "https://huggingface.co/timm/"
 _KERAS = "https://storage.googleapis.com/tensorflow/keras-applications/densenet/"
 _KERAS_FILE = "{}_weights_tf_dim_ordering_tf_kernels{}.h5"
 _TV_LICENSE = "BSD-3-Clause (torchvision)"
@@ -123,20 +127,32 @@ def _keras(model: str, md5: str, notop: bool = False) -> Source:
 
 # Hashes are the publishers' own: torchvision's sha256 prefixes are in its file names (torch.hub
 # checks only those); Keras' md5s are the file_hash values in keras/src/applications/densenet.py;
-# timm's sha256 is the Git LFS object id on the Hugging Face file page. No exact sizes are pinned:
-# none was available from a source that could be checked here, so downloads are bounded by
+# timm's sha256s are the Git LFS object ids on the Hugging Face file pages named below. No exact
+# sizes are pinned: those pages round them (32.3 MB), so downloads are bounded by
 # common.size_bound instead (a few times the model's float32 bytes).
 _SOURCES = {
     "torchvision/densenet121": _torchvision("densenet121", "a639ec97"),
     "torchvision/densenet161": _torchvision("densenet161", "8d451a50"),
     "torchvision/densenet169": _torchvision("densenet169", "b2777c0a"),
     "torchvision/densenet201": _torchvision("densenet201", "c1103571"),
-    # torchvision's densenet121 weights, republished by timm as .safetensors (no torch needed).
+    # torchvision's densenet121 weights, republished by timm as .safetensors (no torch needed);
+    # sha256 from https://huggingface.co/timm/densenet121.tv_in1k/blob/main/model.safetensors
     "timm/densenet121": Source(
-        "densenet121", "torchvision",
-        "https://huggingface.co/timm/densenet121.tv_in1k/resolve/main/model.safetensors",
+        "densenet121", "torchvision", f"{_HF}densenet121.tv_in1k/resolve/main/model.safetensors",
         "sha256", "c894c6d9caa317a8ca1942986dee7a16a86c77734a4d691d2abe05389cfef358",
         "Apache-2.0 (timm model card)", file_name="densenet121.tv_in1k.safetensors"),
+    # torchvision's densenet161 weights as timm republished them: still a torch pickle, but
+    # fully hashed. timm's DenseNet keeps torchvision's module names (features.denseblockN.
+    # denselayerM.norm1, ..., classifier; BatchNormAct2d is an nn.BatchNorm2d), so the file reads
+    # like torchvision's own. sha256 from https://huggingface.co/timm/densenet161.tv_in1k/blob/
+    # 359c7ecf29a2da61381f4725fe59889ca80ad29b/pytorch_model.bin, the commit the URL pins (no
+    # published sha256 of timm's 161 .safetensors, nor of its 169/201 files, could be found).
+    "timm/densenet161": Source(
+        "densenet161", "torchvision",
+        f"{_HF}densenet161.tv_in1k/resolve/359c7ecf29a2da61381f4725fe59889ca80ad29b/"
+        "pytorch_model.bin",
+        "sha256", "f9ee24e6d30ab3405d9c468040f74e2de66675126eee9ec9ec15826b5a0619d3",
+        "Apache-2.0 (timm model card)", file_name="densenet161.tv_in1k.bin"),
     "keras/densenet121": _keras("densenet121", "9d60b8095a5708f2dcce2bca79d332c7"),
     "keras/densenet169": _keras("densenet169", "d699b8f76981ab1b30698df4c175e90b"),
     "keras/densenet201": _keras("densenet201", "1ceb130c1ea1b78c3bf6114dbdfd8807"),
@@ -144,11 +160,11 @@ _SOURCES = {
     "keras/densenet169_notop": _keras("densenet169", "b8c4d4c20dd625c148057b9ff1c1176b", True),
     "keras/densenet201_notop": _keras("densenet201", "c13680b51ded0fb44dff2d8f86ac8bb1", True),
 }
-# Bare names mean torchvision's weights (what torchvision's and timm's default is), from the
-# torch-free copy where one is pinned.
+# Bare names mean torchvision's weights (what torchvision's and timm's default is), from a
+# fully hashed copy where one is pinned, and a torch-free one first.
 REGISTRY: dict[str, Source] = _SOURCES | {
     "densenet121": _SOURCES["timm/densenet121"],
-    "densenet161": _SOURCES["torchvision/densenet161"],
+    "densenet161": _SOURCES["timm/densenet161"],
     "densenet169": _SOURCES["torchvision/densenet169"],
     "densenet201": _SOURCES["torchvision/densenet201"],
 }
@@ -211,8 +227,11 @@ def fetch(name: str) -> pathlib.Path:
     # Said once per process, on every route (cached or not): the weakness is the pin's.
     _warned_prefix.add(source.name)
     bits = 4 * len(source.digest)
+    same = [n for n, s in _SOURCES.items() if s.full_digest and s.model == source.model
+            and s.framework == source.framework]  # the same weights, republished
+    instead = f" {same[0]!r} has the same weights, fully hashed." if same else ""
     print(f"warning: {name!r}: only a {bits}-bit {source.algorithm} prefix ({source.digest}) "
-          f"is published for {source.name}, so only that much of the file is checked.",
+          f"is published for {source.name}, so only that much of the file is checked.{instead}",
           file=sys.stderr, flush=True)
   if out.is_file():  # written by an atomic rename, so complete: no lock, no network
     return out
@@ -318,12 +337,25 @@ class _Budget:
     longest = min(_TIMEOUT_S, max(self.deadline - time.monotonic(), 0.01))
     return min(longest, STALL_WINDOW_S) if self.min_rate else longest
 
-  def check(self, done: int) -> None:
-    """Raises _TooSlow past the deadline, or when the last window averaged below min_rate."""
+  def headers_due(self) -> float:
+    """Seconds from now by which the response headers must be in."""
     now = time.monotonic()
-    if now >= self.deadline:
-      raise _TooSlow(f"the download took longer than {DOWNLOAD_TIMEOUT_ENV}={self.timeout:g} s "
-                     f"({done} bytes so far); raise it for a slow link")
+    if self.min_rate:  # a few hundred bytes: any live server sends them within one window
+      return min(self.deadline, self.window_start + STALL_WINDOW_S) - now
+    return self.deadline - now
+
+  def cut_off(self, done: int) -> _TooSlow:
+    """Why the watchdog ended the download: the deadline, or headers slower than a window."""
+    if time.monotonic() >= self.deadline:
+      return _TooSlow(f"the download took longer than {DOWNLOAD_TIMEOUT_ENV}={self.timeout:g} s "
+                      f"({done} bytes so far); raise it for a slow link")
+    return _TooSlow(f"the server sent no complete response headers in {STALL_WINDOW_S:g} s, "
+                    f"the stall window of {MIN_RATE_ENV}={self.min_rate:g}; set it to 0 for a "
+                    f"slow server")
+
+  def check(self, done: int) -> None:
+    """Raises _TooSlow when the last window averaged below min_rate."""
+    now = time.monotonic()
     if now - self.window_start >= STALL_WINDOW_S:
       rate = (done - self.window_done) / (now - self.window_start)
       if rate < self.min_rate:
@@ -333,21 +365,121 @@ class _Budget:
       self.window_start, self.window_done = now, done
 
 
+class _Watchdog:
+  """Shuts a download's connections down when its time is up, so that no proxy tunnel, TLS
+  handshake, header or body read outlasts the budget, however slowly its bytes trickle in (the
+  TCP connect itself is bounded by the socket timeout, never longer than the time left)."""
+
+  def __init__(self):
+    self.fired = False
+    self.due = float("inf")
+    self._lock = threading.Lock()
+    self._sockets: list[socket.socket] = []
+    self._timer: threading.Timer | None = None
+
+  def arm(self, seconds: float) -> None:
+    """Fires `seconds` from now, instead of any earlier setting."""
+    if self._timer:
+      self._timer.cancel()
+    self.due = time.monotonic() + seconds
+    self._timer = threading.Timer(max(seconds, 0.0), self._fire)
+    self._timer.daemon = True
+    self._timer.start()
+
+  @property
+  def expired(self) -> bool:
+    """Whether the time is up: a socket timeout may end a read just before the timer fires."""
+    return self.fired or time.monotonic() >= self.due
+
+  def watch(self, sock: socket.socket) -> socket.socket:
+    """Registers a new connection's socket (shut at once if the time is already up)."""
+    with self._lock:
+      # A duplicate descriptor: shutting it down ends the connection for whoever reads it (TLS
+      # detaches the original socket object), and its number cannot be reused while held.
+      self._sockets.append(sock.dup())
+      if self.fired:
+        self._sockets[-1].shutdown(socket.SHUT_RDWR)
+    return sock
+
+  def _fire(self) -> None:
+    with self._lock:
+      self.fired = True
+      for sock in self._sockets:
+        with contextlib.suppress(OSError):  # already closed by the other end
+          sock.shutdown(socket.SHUT_RDWR)
+
+  def close(self) -> None:
+    if self._timer:
+      self._timer.cancel()
+    with self._lock:
+      for sock in self._sockets:
+        sock.close()
+
+  def open(self, request: urllib.request.Request, timeout: float) -> http.client.HTTPResponse:
+    """urlopen(request), with every connection it makes (redirects too) watched."""
+    return urllib.request.build_opener(_WatchedHTTP(self), _WatchedHTTPS(self)).open(
+        request, timeout=timeout)
+
+
+class _Watched(urllib.request.AbstractHTTPHandler):
+  """An HTTP(S) handler whose connections give their sockets to a watchdog as they open."""
+
+  def __init__(self, watchdog: _Watchdog):
+    super().__init__()
+    self.watchdog = watchdog
+
+  def do_open(self, http_class: type[http.client.HTTPConnection], req: urllib.request.Request,
+              **kwargs) -> http.client.HTTPResponse:
+    def connection(*args, **kw) -> http.client.HTTPConnection:
+      conn = http_class(*args, **kw)
+      # http.client's own hook for making the TCP connection (before any TLS or proxy tunnel).
+      conn._create_connection = lambda *a: self.watchdog.watch(socket.create_connection(*a))
+      return conn
+    return super().do_open(connection, req, **kwargs)
+
+
+class _WatchedHTTP(_Watched, urllib.request.HTTPHandler):
+  pass
+
+
+class _WatchedHTTPS(_Watched, urllib.request.HTTPSHandler):
+  pass
+
+
 def _download(url: str, part: pathlib.Path, limit: int, budget: _Budget) -> None:
   """Fetches url into part, resuming from part's size when the server honours Range; never
   reads more than limit + 1 bytes of the file, nor past the budget."""
+  watchdog = _Watchdog()
+  try:
+    _get(url, part, limit, budget, watchdog)
+  except (OSError, http.client.HTTPException):  # what a shut connection can raise
+    if not watchdog.expired:
+      raise
+  else:
+    if not watchdog.fired:  # when it has, the body's end may have been the cut
+      return
+  finally:
+    watchdog.close()
+  # Whatever the cut looked like to the reader (an error, a short or an empty answer).
+  raise budget.cut_off(part.stat().st_size if part.is_file() else 0)
+
+
+def _get(url: str, part: pathlib.Path, limit: int, budget: _Budget, watchdog: _Watchdog) -> None:
+  """_download's request and reading, under the watchdog."""
   start = part.stat().st_size if part.is_file() else 0
   if start > limit:  # left by an older version or another file: cannot be a prefix
     part.unlink()
     start = 0
   request = urllib.request.Request(url, headers={"Range": f"bytes={start}-"} if start else {})
+  watchdog.arm(budget.headers_due())
   try:
-    response = urllib.request.urlopen(request, timeout=budget.socket_timeout())
+    response = watchdog.open(request, timeout=budget.socket_timeout())
   except urllib.error.HTTPError as e:
     if e.code != 416 or not start:  # 416: the part is not shorter than the file: start over
       raise
     part.unlink()
-    return _download(url, part, limit, budget)
+    return _get(url, part, limit, budget, watchdog)
+  watchdog.arm(budget.deadline - time.monotonic())
   with response:
     resumed = response.status == 206
     done = start if resumed else 0  # a 200 answer to a Range request is the whole file
