@@ -17,9 +17,10 @@ import time
 
 import jax
 import jax.numpy as jnp
+import optax
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from densenet_jax import losses, models  # pylint: disable=g-import-not-at-top,wrong-import-position
+from densenet_jax import models  # pylint: disable=g-import-not-at-top,wrong-import-position
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -43,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
   def loss(params, batch_stats):
     logits, _ = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                             mutable=["batch_stats"])
-    return losses.cross_entropy(logits, jnp.zeros(x.shape[0], jnp.int32)).mean()
+    return optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), jnp.zeros(x.shape[0], jnp.int32)).mean()
 
   start = time.perf_counter()
   jax.jit(jax.value_and_grad(loss)).lower(variables["params"],

@@ -1,7 +1,7 @@
 """DenseNet in JAX/Flax: `from densenet_jax import models`."""
 
-from densenet_jax import losses, models
+from densenet_jax import models
 from densenet_jax.models import DenseNet, get_model, list_models
 
-__all__ = ["losses", "models", "DenseNet", "get_model", "list_models"]
-__version__ = "0.2.0"  # CHANGELOG.md
+__all__ = ["models", "DenseNet", "get_model", "list_models"]
+__version__ = "0.3.0"  # CHANGELOG.md

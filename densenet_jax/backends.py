@@ -40,7 +40,8 @@ class FastPath:
 
 FAST_PATHS = {
     # oneDNN (torch's CPU kernels) runs convolutions and matmuls; YNNPACK keeps only the
-    # reductions, its narrow-channel convolutions being the slower ones (1.12-1.16x per step).
+    # reductions, its narrow-channel convolutions being the slower ones (1.12-1.16x per step;
+    # 1.13x over XLA:CPU defaults). XLA:CPU cannot serialize oneDNN calls: no compilation cache.
     "cpu": FastPath(matmul_1x1=True, layer_barrier=True, compiler_options={
         "xla_cpu_use_onednn": True,
         "xla_cpu_experimental_onednn_custom_call": True,

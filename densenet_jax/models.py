@@ -7,7 +7,9 @@ downsamples, and `DenseNet` stacks them behind a CIFAR or ImageNet stem. The con
 normalisation and activation are attributes (`conv`, `norm`, `act`), as in flax's ResNet.
 
 Parameter names follow torchvision (`conv0`, `norm0`, `denseblock1/denselayer1/norm1`,
-`transition1/conv`, ...) so that weight conversion is a rename, not a puzzle.
+`transition1/conv`, ...) so that weight conversion is a rename, not a puzzle. One exception:
+the final norm is `norm_final` (torchvision's `features.norm5`, Keras' `bn`); the converters map
+both, and renaming it would orphan every checkpoint written so far.
 
 The defaults are the fast versions of nn.Conv and nn.BatchNorm in `densenet_jax.layers`, which
 compute the same function (tests/reference_test.py holds the model equal to a textbook one);
@@ -61,7 +63,8 @@ class DenseLayer(nn.Module):
     return y
 
   def bn_function(self, inputs: DenseFeatures) -> Array:
-    """norm1-act-conv1 of the concatenated inputs (torchvision's `bn_function`)."""
+    """norm1-act-conv1 of the concatenated inputs (torchvision's `bn_function`): the 1x1
+    bottleneck, or a basic layer's only (3x3) convolution."""
     bottleneck = self.bn_size is not None
     width = self.bn_size * self.growth_rate if bottleneck else self.growth_rate
     x = self.norm(name="norm1")(inputs if inputs.moments is not None else inputs.concat())
@@ -97,8 +100,9 @@ class DenseBlock(nn.Module):
         # accumulated layer by layer. Without it, XLA:CPU sums it over all later layers in
         # one fusion that keeps every later layer's input gradient alive (O(L^2) memory).
         features = jax.lax.optimization_barrier(features)
-      layer = DenseLayer(self.growth_rate, self.bn_size, self.drop_rate, self.memory_efficient,
-                         self.conv, self.norm, self.act, name=f"denselayer{i + 1}")
+      layer = DenseLayer(growth_rate=self.growth_rate, bn_size=self.bn_size,
+                         drop_rate=self.drop_rate, memory_efficient=self.memory_efficient,
+                         conv=self.conv, norm=self.norm, act=self.act, name=f"denselayer{i + 1}")
       features = features.append(layer(features, train))
     return features.concat()
 
@@ -255,13 +259,14 @@ class DenseNet(nn.Module):
 
     channels = self.block_channels()
     for i, num_layers in enumerate(self.block_config):
-      x = DenseBlock(num_layers, self.growth_rate, self.bn_size, self.drop_rate,
-                     self.memory_efficient, conv, norm, act, layer_barrier=layer_barrier,
-                     channel_group=group, name=f"denseblock{i + 1}")(x, train)
+      x = DenseBlock(num_layers=num_layers, growth_rate=self.growth_rate, bn_size=self.bn_size,
+                     drop_rate=self.drop_rate, memory_efficient=self.memory_efficient, conv=conv,
+                     norm=norm, act=act, layer_barrier=layer_barrier, channel_group=group,
+                     name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
-        x = Transition(channels[i][1], self.drop_rate, conv, norm, act,
-                       name=f"transition{i + 1}")(x, train)
+        x = Transition(out_channels=channels[i][1], drop_rate=self.drop_rate, conv=conv,
+                       norm=norm, act=act, name=f"transition{i + 1}")(x, train)
     if self.features_only:
       return stages
 

@@ -16,8 +16,9 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
-from densenet_jax import losses, models
+from densenet_jax import models
 
 BATCH_CIFAR = 64
 BATCH_IMAGENET = 32
@@ -64,7 +65,8 @@ def train_loss(model: models.DenseNet, params: Any, batch_stats: Any, x: jax.Arr
   """Mean cross-entropy of a training-mode forward pass, and the updated BN state."""
   logits, state = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
                               mutable=["batch_stats"])
-  return jnp.mean(losses.cross_entropy(logits, labels)), state
+  logits = logits.astype(jnp.float32)
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, labels)), state
 
 
 def train_step_temp_bytes(model: models.DenseNet, input_shape: tuple[int, ...]) -> int:

@@ -15,7 +15,8 @@ DUMP = sys.argv.pop()
 
 
 def worker(argv: list[str]) -> None:
-  state, metrics = train_main.run(argv)
+  del argv  # parsed into FLAGS by app.run
+  state, metrics, _ = train_main.run()
   leaves = jax.tree_util.tree_leaves_with_path(state.params)
   arrays = {jax.tree_util.keystr(k): np.asarray(v.addressable_data(0)) for k, v in leaves}
   np.savez(DUMP, accuracy=metrics["accuracy"], examples=metrics["examples"],

@@ -25,7 +25,7 @@ def main(out_path: str) -> None:
   rng = np.random.default_rng(0)
   for _ in range(2):
     batch = {"image": rng.normal(size=(16, 16, 16, 3)).astype(np.float32),
-             "label": rng.integers(0, 10, size=(16,))}
+             "label": rng.integers(0, 10, size=(16,)).astype(np.int32)}
     state, metrics = step(state, train.global_batch(mesh, batch))
   leaves = jax.tree_util.tree_leaves_with_path(
       {"params": state.params, "batch_stats": state.batch_stats})

@@ -6,7 +6,7 @@ import re
 
 import pytest
 
-from train import errors, main, validation
+from train import cli, errors, validation
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py")
                  if p.stem != "__init__")
@@ -98,7 +98,7 @@ def test_validation_reports_every_problem_at_once():
 
 def test_print_config_explains_every_field():
   config = load("cifar_bc")
-  text = main.describe_config(config)
+  text = cli.describe_config(config)
   lines = text.splitlines()
   assert len(lines) == len(config.keys())
   assert all("  # " in line for line in lines), [l for l in lines if "  # " not in l]

@@ -138,7 +138,8 @@ def read_only_dir(tmpfs):
 def test_read_only_workdir_is_one_message(read_only_dir):
   with pytest.raises(errors.WorkdirError, match=r"Cannot write to --workdir=.*Read-only file "
                                                 r"system. Choose a writable directory"):
-    workdir_lib.Lock(read_only_dir).acquire()
+    with workdir_lib.hold(read_only_dir):
+      pass
 
 
 def _cli(workdir, data_dir):

@@ -505,7 +505,7 @@ def test_the_lock_wait_is_bounded_and_names_the_holder(server, cache, weights, m
     assert not thread.is_alive(), "still waiting on the lock after 20 s"
   msg = outcome["error"]
   assert f"Waited 0.5 s for {cache / 'locks' / (FILE + '.lock')}, held by pid {os.getpid()} " \
-         f"on {socket.gethostname()} while it fetches {FILE}" in msg
+         f"on host {socket.gethostname()}, started " in msg and f"while it fetches {FILE}" in msg
   assert f"if it is stuck, stop it; to wait longer, raise {hub.LOCK_TIMEOUT_ENV}" in msg
   assert server.gets == []
   assert (cache / "locks" / f"{FILE}.lock").read_text() == ""  # released: no stale pid

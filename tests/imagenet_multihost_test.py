@@ -1,19 +1,16 @@
 """The ImageNet-shaped path on 2 processes x 4 CPU devices: JPEGs, imagenet augmentation, eval."""
 
 import json
-import os
 import pathlib
-import socket
-import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
+from multihost_launch import launch, wait_all
+
 pytestmark = pytest.mark.slow
 
 # configs/imagenet_densenet121.py with a 4-block DenseNet small enough to compile in seconds
@@ -50,12 +47,6 @@ def write_jpeg_dataset(data_dir: pathlib.Path) -> None:
       split_datasets={"train": split(64), "validation": split(40)})
 
 
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
 def test_imagenet_path_on_two_processes_of_four_devices(tmp_path):
   write_jpeg_dataset(tmp_path / "tfds")
   (tmp_path / "tiny_imagenet.py").write_text(TINY_CONFIG)
@@ -65,17 +56,8 @@ def test_imagenet_path_on_two_processes_of_four_devices(tmp_path):
           "--config.download=False", "--config.image_size=32", "--config.batch_size=16",
           "--config.eval_batch_size=16", "--config.num_train_steps=3",
           "--config.log_every_steps=1", "--config.shuffle_buffer=64", f"--workdir={workdir}"]
-  port = free_port()
-  env = dict(os.environ, PYTHONPATH=str(REPO),
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  procs = []
-  for i in range(2):
-    log = open(tmp_path / f"process{i}.log", "w")
-    procs.append(subprocess.Popen(
-        args + [f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-                f"--process_id={i}"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
-  deadline = time.time() + 600
-  codes = [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
+  procs = launch(lambda i, multi: args + multi, 2, 4, tmp_path, "process")
+  codes = wait_all(procs, 600)
   assert codes == [0, 0], "\n".join(
       (tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2))
 

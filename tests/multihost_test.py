@@ -1,26 +1,19 @@
 """Multi-process training with real processes on 127.0.0.1 (CPU devices, gloo collectives)."""
 
 import json
-import os
 import pathlib
 import signal
-import socket
-import subprocess
 import sys
 import time
 
 import numpy as np
 import pytest
 
+from multihost_launch import launch, wait_all
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_multihost_worker.py"
 pytestmark = pytest.mark.slow
-
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 
 def flags(tmp_path, workdir, *extra):
@@ -31,32 +24,12 @@ def flags(tmp_path, workdir, *extra):
           f"--workdir={workdir}", *extra]
 
 
-def launch(cmd, processes, devices_per_process, log_dir, name):
-  """Starts cmd(process_id, distributed_flags) once per process; output goes to log files."""
-  port = free_port()
-  env = dict(os.environ, PYTHONPATH=str(REPO),
-             XLA_FLAGS=f"--xla_force_host_platform_device_count={devices_per_process}")
-  procs = []
-  for i in range(processes):
-    multi = ([f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={processes}",
-              f"--process_id={i}"] if processes > 1 else [])
-    log = open(log_dir / f"{name}{i}.log", "w")
-    procs.append(subprocess.Popen(cmd(i, multi), cwd=REPO, env=env, stdout=log,
-                                  stderr=subprocess.STDOUT))
-  return procs
-
-
 def wait_for_train_lines(metrics, count, timeout=300):
   """Waits until process 0 has logged `count` training steps."""
   deadline = time.time() + timeout
   while time.time() < deadline and not (
       metrics.exists() and metrics.read_text().count('"kind": "train"') >= count):
     time.sleep(0.2)
-
-
-def wait_all(procs, timeout):
-  deadline = time.time() + timeout
-  return [p.wait(timeout=max(1, deadline - time.time())) for p in procs]
 
 
 def test_two_processes_match_one_process(tmp_path):

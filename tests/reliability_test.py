@@ -131,8 +131,8 @@ def test_nonfinite_state_is_never_saved(tmp_path):
 
 def _hold_lock(path):
   code = ("import sys, time; from etils import epath; from train import workdir; "
-          "workdir.Lock(epath.Path(sys.argv[1])).acquire(); print('locked', flush=True); "
-          "time.sleep(600)")
+          "lock = workdir.hold(epath.Path(sys.argv[1])); lock.__enter__(); "
+          "print('locked', flush=True); time.sleep(600)")
   holder = subprocess.Popen([sys.executable, "-c", code, str(path)], cwd=REPO,
                             stdout=subprocess.PIPE, text=True,
                             env=dict(os.environ, PYTHONPATH=str(REPO)))
@@ -160,11 +160,10 @@ def test_lock_of_a_killed_run_is_taken_over(tmp_path, caplog):
   holder = _hold_lock(tmp_path)
   holder.send_signal(signal.SIGKILL)
   holder.wait()
-  lock = workdir_lib.Lock(tmp_path)
-  lock.acquire()
-  assert f"no longer alive (pid {holder.pid}" in caplog.text
-  assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
-  lock.release()
+  with workdir_lib.hold(tmp_path):
+    assert f"no longer alive (pid {holder.pid}" in caplog.text
+    assert json.loads((tmp_path / "LOCK").read_text())["pid"] == os.getpid()
+  assert (tmp_path / "LOCK").read_text() == ""  # released: a later run names no dead holder
 
 
 @pytest.mark.slow
@@ -254,7 +253,7 @@ def small_disk(tmpfs):
 _NOISE = """
 import asyncio, sys, threading
 from train import main
-main._hide_closed_loop_noise()
+main._quiet()
 loop = asyncio.new_event_loop()
 loop.close()
 class Callback:  # what tensorstore's threads do once orbax has closed its loop

@@ -12,7 +12,9 @@ import types
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from configs import default
@@ -125,7 +127,7 @@ def test_wrong_image_size_is_refused_before_training(tmp_path, tiny_cifar10):
 def test_divergence_stops_before_checkpointing_garbage(tmp_path, tiny_cifar10):
   workdir = tmp_path / "run"
   with pytest.raises(FloatingPointError,
-                     match=r"diverged at step \d+: loss=.*(nan|inf).*checkpoint"):
+                     match=r"diverged by step \d+: mean loss=.*(nan|inf).*checkpoint"):
     train.train_and_evaluate(tiny_config(tmp_path, learning_rate=1e30), str(workdir))
   for step in (workdir / "checkpoints").iterdir():
     for leaf in jax.tree_util.tree_leaves(saved_params(workdir, int(step.name))):
@@ -263,7 +265,7 @@ def test_relaunch_loads_both_steps_from_the_compilation_cache(tmp_path, tiny_cif
     assert "Compiled the train step in" in first and "compilation cache" not in first, first
     assert any(cache.iterdir())
     # A relaunch (here: resuming to a later step) loads the eval step. (XLA:CPU cannot
-    # serialize the CPU train step's YNNPACK fusions, so that one is compiled again here.)
+    # serialize the oneDNN calls of the CPU train step, so that one is compiled again here.)
     train.train_and_evaluate(tiny_config(tmp_path, num_train_steps=3,
                                          compilation_cache_dir=str(cache)), str(tmp_path / "a"))
     out = capsys.readouterr().out
@@ -295,6 +297,41 @@ def test_start_up_summary_and_resume_are_announced(tmp_path, tiny_cifar10, capsy
   out = capsys.readouterr().out
   assert "Resumed from step 2 of 3." in out
   assert "learning-rate schedule differs" in out and "total steps 2 -> 3" in out
+
+
+@pytest.mark.parametrize("smoothing", [0.0, 0.1])
+def test_cross_entropy_of_smoothed_one_hot_targets(smoothing):
+  logits = jax.random.normal(jax.random.key(0), (6, 7)).astype(jnp.bfloat16)
+  labels = jnp.array([0, 6, 3, 3, 1, 2])
+  # Label smoothing a: 1 - a on the label, a spread evenly over all K classes.
+  targets = (1 - smoothing) * jax.nn.one_hot(labels, 7) + smoothing / 7
+  expected = -jnp.sum(targets * jax.nn.log_softmax(logits.astype(jnp.float32)), axis=-1)
+  got = step_lib.cross_entropy(logits, labels, smoothing)
+  assert got.shape == (6,) and got.dtype == jnp.float32
+  np.testing.assert_allclose(got, expected, rtol=1e-6)
+
+
+def test_eval_step_sums_only_unmasked_examples():
+  model = models.densenet_bc(depth=10, growth_rate=4, num_classes=7)
+  mesh = step_lib.make_mesh()
+  state = step_lib.create_train_state(model, optax.sgd(0.1), (2, 16, 16, 3), jax.random.key(0))
+  eval_step = step_lib.make_eval_step(model, mesh)
+  rng = np.random.default_rng(0)
+  images = rng.standard_normal((2, 4, 16, 16, 3)).astype(np.float32)
+  labels = rng.integers(0, 7, (2, 4)).astype(np.int32)
+  masks = np.array([[1, 1, 1, 1], [1, 0, 1, 0]], np.float32)  # the last batch's padding
+  sums = [eval_step(state, step_lib.global_batch(mesh, {"image": x, "label": y, "mask": m}))
+          for x, y, m in zip(images, labels, masks)]
+  total = {k: float(sums[0][k] + sums[1][k]) for k in sums[0]}
+  keep = masks.reshape(-1) > 0
+  logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
+                       images.reshape(-1, 16, 16, 3))[keep]
+  y = labels.reshape(-1)[keep]
+  assert total["count"] == 6
+  np.testing.assert_allclose(total["loss"], np.sum(step_lib.cross_entropy(logits, y)), rtol=1e-5)
+  assert total["top1"] == np.sum(np.argmax(logits, -1) == y)
+  top5 = np.argsort(-np.asarray(logits), axis=-1)[:, :5]
+  assert total["top5"] == np.sum(np.any(top5 == y[:, None], -1))
 
 
 def test_cpu_step_compiles_with_onednn_and_gives_the_same_result(monkeypatch):

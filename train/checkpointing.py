@@ -28,7 +28,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
-from train import errors
+from train import distributed, errors
 
 CheckpointError = errors.CheckpointError
 
@@ -78,10 +78,8 @@ def check_free_space(workdir: epath.Path, abstract_state: Any) -> None:
     except OSError:
       free = -1  # cannot tell: let the first save find out
   if jax.process_count() > 1:  # in KiB: int32 without jax_enable_x64
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    kib = multihost_utils.broadcast_one_to_all(np.int32(min(free >> 10, 2**31 - 1)
-                                                        if free >= 0 else -1))
-    free = int(kib) << 10 if int(kib) >= 0 else -1
+    kib = distributed.from_process_0(min(free >> 10, 2**31 - 1) if free >= 0 else -1)
+    free = kib << 10 if kib >= 0 else -1
   if 0 <= free < needed:
     raise errors.DiskFullError(
         f"The disk holding --workdir={workdir} has {free:,} bytes free, but a checkpoint of "
@@ -192,9 +190,7 @@ class Checkpointer:
     if jax.process_index() == 0:
       self.quarantine.mkdir(parents=True, exist_ok=True)
       (self.directory / str(step)).rename(self.quarantine / f"{step}.{int(time.time())}")
-    if jax.process_count() > 1:
-      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      multihost_utils.sync_global_devices(f"quarantine_{step}")
+    distributed.barrier(f"quarantine_{step}")
     self.manager.reload()
 
   def close(self) -> None:

@@ -7,7 +7,7 @@ import contextlib
 import os
 import re
 import sys
-from typing import Iterator
+from typing import Any, Iterator
 
 from absl import flags
 
@@ -44,6 +44,26 @@ def shipped_configs(configs_dir: str) -> str:
     return ""
   width = max(len(path) for path, _ in rows)
   return "configs:\n" + "\n".join(f"  {path:<{width}}  {doc}".rstrip() for path, doc in rows)
+
+
+def describe_config(config: Any) -> str:
+  """Every field of `config`, its value and its one-line meaning (configs/default.py HELP)."""
+  from configs import default  # pylint: disable=g-import-not-at-top
+  lines = []
+  flat = {}
+
+  def walk(prefix, node):
+    for key in node.keys():
+      value = node[key]
+      if hasattr(value, "keys") and key != "model_overrides":
+        walk(f"{prefix}{key}.", value)
+      else:
+        flat[prefix + key] = value.to_dict() if hasattr(value, "to_dict") else value
+
+  walk("", config)
+  for key, value in flat.items():
+    lines.append(f"{f'{key} = {value!r}':<44}  # {default.HELP.get(key, '')}".rstrip(" #"))
+  return "\n".join(lines)
 
 
 def _config_load_error(FLAGS, error: BaseException | None = None) -> str | None:  # pylint: disable=invalid-name

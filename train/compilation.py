@@ -5,7 +5,7 @@ compiled train and eval steps from the cache instead of compiling them again; on
 DenseNet-121 step takes minutes of host CPU to compile (`python -m train.plan` says how many).
 JAX writes each entry atomically, so processes on one host share a directory safely; each host
 of a pod keeps its own (only process 0 writes). One exception: XLA:CPU cannot serialize the
-YNNPACK reduction fusions the CPU fast path asks for (densenet_jax.backends; JAX 0.12 reports
+oneDNN custom calls the CPU fast path asks for (densenet_jax.backends; JAX 0.12 reports
 `std::bad_alloc`), so on CPU the train step is compiled at every launch and the rest is cached.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import numpy as np
 from absl import logging
 
 from train import errors
@@ -51,3 +52,18 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def barrier(name: str) -> None:
+  """Waits until every process reaches the barrier `name` (nothing to wait for alone)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
+def from_process_0(value: int) -> int:
+  """Process 0's `value` (an int32) on every process: what process 0 alone could decide."""
+  if jax.process_count() == 1:
+    return value
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return int(multihost_utils.broadcast_one_to_all(np.int32(value)))

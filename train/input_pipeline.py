@@ -28,7 +28,7 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from densenet_jax import imagenet
-from train import digits, errors
+from train import digits, distributed, errors
 
 # TF must stay off accelerators (JAX owns them) and leave CPU cores to XLA.
 tf.config.set_visible_devices([], "GPU")
@@ -108,7 +108,7 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
   if config.dataset == digits.NAME:
     if jax.process_index() == 0:
       digits.builder(config.data_dir)  # written once, by one process
-    _sync("digits_dataset")
+    distributed.barrier("digits_dataset")
     return digits.builder(config.data_dir)
   try:
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
@@ -133,7 +133,7 @@ def get_builder(config: ml_collections.ConfigDict) -> tfds.core.DatasetBuilder:
     if jax.process_index() == 0:
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
-    _sync("prepare_dataset")
+    distributed.barrier("prepare_dataset")
     builder = tfds.builder(config.dataset, data_dir=config.data_dir)
   return builder
 
@@ -159,12 +159,6 @@ def _reprepare_hint(name: str, data_dir: str | None) -> str:
   return (f"Prepare the dataset again: delete {folder} and rerun (tfds downloads it, or builds it "
           f"from --config.manual_dir), or copy an intact {folder} here. A rerun of a run resumes "
           f"from its newest checkpoint (checkpoints are kept).")
-
-
-def _sync(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
 
 
 def dataset_info(builder: tfds.core.DatasetBuilder, config: ml_collections.ConfigDict) -> DatasetInfo:

@@ -35,7 +35,7 @@ from ml_collections import config_flags
 import jax
 
 from densenet_jax import pretrained
-from train import checkpointing, cli, distributed, errors, preemption, train
+from train import checkpointing, cli, distributed, errors, preemption, train, workdir
 
 FLAGS = flags.FLAGS
 CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
@@ -58,84 +58,27 @@ flags.DEFINE_integer("initialization_timeout_seconds", 300,
 
 def _import_tensorflow_quietly() -> None:
   """Imports TF with its C++ start-up lines (oneDNN, absl pre-init) sent to /dev/null."""
-  if "tensorflow" in sys.modules:
-    return
-  with cli.stderr_to(os.devnull), contextlib.suppress(ImportError):
-    import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
+  if "tensorflow" not in sys.modules:
+    with cli.stderr_to(os.devnull), contextlib.suppress(ImportError):
+      import tensorflow  # noqa: F401  pylint: disable=g-import-not-at-top,unused-import
 
 
-def describe_config(config) -> str:
-  """Every field of `config`, its value and its one-line meaning (configs/default.py HELP)."""
-  from configs import default  # pylint: disable=g-import-not-at-top
-  lines = []
-  flat = {}
-
-  def walk(prefix, node):
-    for key in node.keys():
-      value = node[key]
-      if hasattr(value, "keys") and key != "model_overrides":
-        walk(f"{prefix}{key}.", value)
-      else:
-        flat[prefix + key] = value.to_dict() if hasattr(value, "to_dict") else value
-
-  walk("", config)
-  for key, value in flat.items():
-    lines.append(f"{f'{key} = {value!r}':<44}  # {default.HELP.get(key, '')}".rstrip(" #"))
-  return "\n".join(lines)
+def _quiet() -> None:
+  """Without --verbosity: warnings only (orbax logs every file it writes at INFO), and a failed
+  background write reported once, by `main`, not also by orbax's logged traceback and by the
+  'Event loop is closed' errors tensorstore's threads raise once orbax has torn its loop down
+  (through sys.unraisablehook: a bare traceback)."""
+  logging.set_verbosity(logging.WARNING)
+  logging.get_absl_handler().addFilter(
+      lambda record: record.levelno < stdlib_logging.ERROR or "/orbax/" not in record.pathname)
+  noise = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
+  sys.excepthook = lambda kind, e, tb: noise(e) or sys.__excepthook__(kind, e, tb)
+  sys.unraisablehook = lambda u: noise(u.exc_value) or sys.__unraisablehook__(u)
 
 
-class _HideOrbaxTracebacks(stdlib_logging.Filter):
-  """Drops orbax's logged tracebacks of failed background writes: the error reaches `main`."""
-
-  def filter(self, record: stdlib_logging.LogRecord) -> bool:
-    return not (record.levelno >= stdlib_logging.ERROR and "/orbax/" in record.pathname)
-
-
-class _HideSigtermWordingAfterCtrlC(stdlib_logging.Filter):
-  """After a Ctrl-C, drops the trainer's SIGTERM-worded stop line: `main` prints the Ctrl-C one."""
-
-  def __init__(self, notice: preemption.Preemption):
-    super().__init__()
-    self.notice = notice
-
-  def filter(self, record: stdlib_logging.LogRecord) -> bool:
-    return not (self.notice.interrupted and str(record.msg).startswith("Preempted: checkpointed"))
-
-
-def _is_closed_loop_noise(exc: BaseException | None) -> bool:
-  """Whether `exc` is the 'Event loop is closed' error tensorstore's callbacks raise once orbax
-  has torn its loop down after a failed background write (the write's own error reaches
-  `main`)."""
-  return isinstance(exc, RuntimeError) and str(exc) == "Event loop is closed"
-
-
-def _hide_closed_loop_noise() -> None:
-  """Drops that noise from both places Python reports it: sys.excepthook, and
-  sys.unraisablehook, where tensorstore's C++ threads send it (PyErr_WriteUnraisable, no
-  object: a bare traceback). Everything else prints as usual."""
-  def excepthook(exc_type, exc, tb) -> None:
-    if not _is_closed_loop_noise(exc):
-      sys.__excepthook__(exc_type, exc, tb)
-
-  def unraisablehook(unraisable) -> None:
-    if not _is_closed_loop_noise(unraisable.exc_value):
-      sys.__unraisablehook__(unraisable)
-
-  sys.excepthook = excepthook
-  sys.unraisablehook = unraisablehook
-
-
-def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
-  """Joins the distributed runtime if needed, then trains and evaluates."""
-  if len(argv) > 1:
-    raise app.UsageError(f"Unexpected arguments: {argv[1:]}", exitcode=2)
-  if not FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
-    logging.get_absl_handler().addFilter(_HideOrbaxTracebacks())
-    _hide_closed_loop_noise()
-  if FLAGS.workdir is None:
-    raise errors.ConfigError("--workdir is required (a directory for checkpoints and metrics), "
-                             "e.g. --workdir=/tmp/run.")
+def run() -> tuple[train.TrainState, dict[str, float], preemption.Preemption]:
+  """Joins the distributed runtime if there is one, then trains and evaluates; also returns
+  the notice that says whether (and how) the run was asked to stop."""
   try:
     distributed.initialize(FLAGS.distributed, FLAGS.coordinator_address, FLAGS.num_processes,
                            FLAGS.process_id, FLAGS.heartbeat_timeout_seconds,
@@ -143,21 +86,12 @@ def run(argv: list[str]) -> tuple[train.TrainState, dict[str, float]]:
   except errors.ConfigError as e:  # inconsistent --distributed/--coordinator_address flags
     raise errors.UsageError(str(e)) from e
   # Before anything slow: SIGTERM and Ctrl-C are handled from here on.
-  notice = preemption.Preemption()
-  hide = _HideSigtermWordingAfterCtrlC(notice)
-  logging.get_absl_handler().addFilter(hide)
-  try:
+  with contextlib.closing(preemption.Preemption()) as notice:
     _import_tensorflow_quietly()
     logging.info("JAX %s: %d processes, %d devices (%s).", jax.__version__,
                  jax.process_count(), jax.device_count(), jax.default_backend())
-    return train.train_and_evaluate(FLAGS.config, FLAGS.workdir, notice)
-  finally:
-    notice.close()
-    _last_notice[0] = notice
-    logging.get_absl_handler().removeFilter(hide)
-
-
-_last_notice: list[preemption.Preemption | None] = [None]  # how `run` was stopped, for `main`
+    state, metrics = train.train_and_evaluate(FLAGS.config, FLAGS.workdir, notice)
+  return state, metrics, notice
 
 
 def _user_error(e: BaseException) -> str | None:
@@ -168,9 +102,7 @@ def _user_error(e: BaseException) -> str | None:
   while seen is not None:  # orbax wraps I/O errors of its background writes
     if (isinstance(seen, OSError) and seen.errno == errno.ENOSPC) or (
         "No space left on device" in str(seen)):
-      return (f"The disk holding --workdir={FLAGS.workdir} is full. Free space (or choose "
-              f"another --workdir) and rerun the same command: it resumes from the newest "
-              f"complete checkpoint.")
+      return workdir.full_text(workdir.resolve(FLAGS.workdir))
     seen = seen.__cause__ or seen.__context__
   return None
 
@@ -186,7 +118,7 @@ def main(argv: list[str]) -> None:
   if FLAGS.config is None:
     _usage_error("--config is required, e.g. --config configs/cifar_bc.py.")
   if FLAGS.print_config:
-    print(describe_config(FLAGS.config))
+    print(cli.describe_config(FLAGS.config))
     return
   if len(argv) > 1:
     _usage_error(f"unexpected arguments {' '.join(argv[1:])}: flags take the form --name=value "
@@ -194,8 +126,10 @@ def main(argv: list[str]) -> None:
   if FLAGS.workdir is None:
     _usage_error("--workdir is required (a directory for checkpoints and metrics), e.g. "
                  "--workdir=/tmp/run.")
+  if not FLAGS["verbosity"].present:
+    _quiet()
   try:
-    state, metrics = run(argv)
+    state, metrics, notice = run()
   except (Exception, preemption.Preempted) as e:  # pylint: disable=broad-except
     message = _user_error(e)
     if message is None or FLAGS["verbosity"].present or os.environ.get("DENSENET_JAX_TRACEBACK"):
@@ -209,8 +143,7 @@ def main(argv: list[str]) -> None:
   if metrics and jax.process_index() == 0:
     print(f"Final test accuracy: {metrics['accuracy']:.4f} "
           f"({int(metrics['examples'])} examples)", flush=True)
-  notice = _last_notice[0]
-  if not metrics and notice is not None and notice.interrupted:
+  if not metrics and notice.interrupted:
     preemption.say(preemption.stopped_text(int(checkpointing.host_value(state.step))))
     _exit_now(preemption.EXIT_INTERRUPTED)
 

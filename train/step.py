@@ -1,7 +1,8 @@
-"""The training step and everything it is built from: state, model, optimizer, mesh.
+"""The training step and everything it is built from: state, model, optimizer, loss, mesh.
 
 Needs only jax, flax and optax (and densenet_jax): no TensorFlow, tfds, clu or ml_collections,
-so the step builds and benchmarks on any machine with an accelerator.
+so the step builds and benchmarks on any machine with an accelerator (those lent to this project
+have jax, flax, optax and orbax, and no network to install more).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from absl import logging
 from flax import traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from densenet_jax import backends, losses, models, pretrained
+from densenet_jax import backends, models
 from train import errors
 
 if TYPE_CHECKING:
@@ -36,10 +37,23 @@ class TrainState:
   opt_state: Any
 
 
+def cross_entropy(logits: jax.Array, labels: jax.Array,
+                  label_smoothing: float = 0.0) -> jax.Array:
+  """Per-example softmax cross-entropy of integer `labels` in float32 (optax), with
+  `label_smoothing` a putting 1 - a + a/K on the label and a/K on each of the K classes."""
+  logits = logits.astype(jnp.float32)
+  if label_smoothing:
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
 def create_model(config: ml_collections.ConfigDict, num_classes: int, channels: int,
-                 platform: str | None = None) -> models.DenseNet:
-  """The configured preset with the dataset's classes/channels, the run's numerics and the
-  fast path of `platform` (default: JAX's default backend), unless the overrides set it."""
+                 platform: str | None = None, bn_epsilon: float | None = None
+                 ) -> models.DenseNet:
+  """The configured preset with the dataset's classes/channels, the run's numerics, the fast
+  path of `platform` (default: JAX's default backend) and the BatchNorm epsilon of the weights
+  it starts from (Keras' differs from torchvision's), unless the overrides set them."""
   fast = backends.fast_path(platform)
   overrides = dict(config.model_overrides)
   overrides.setdefault("matmul_1x1", fast.matmul_1x1)
@@ -47,9 +61,8 @@ def create_model(config: ml_collections.ConfigDict, num_classes: int, channels: 
   overrides.setdefault("channel_group", fast.channel_group)
   overrides.setdefault("num_classes", num_classes)
   overrides.setdefault("in_channels", channels)
-  if config.init_from:  # e.g. Keras weights need Keras' BatchNorm epsilon
-    overrides.setdefault("bn_epsilon",
-                         pretrained.read_checkpoint(config.init_from)[0]["bn_epsilon"])
+  if bn_epsilon is not None:
+    overrides.setdefault("bn_epsilon", bn_epsilon)
   return models.get_model(
       config.model,
       dtype=jnp.bfloat16 if config.half_precision else jnp.float32,
@@ -66,13 +79,14 @@ def create_train_state(model: models.DenseNet, tx: optax.GradientTransformation,
                     batch_stats=variables["batch_stats"], opt_state=tx.init(variables["params"]))
 
 
-def warm_start(state: TrainState, path: str, tx: optax.GradientTransformation) -> TrainState:
-  """Copies pretrained params and BN statistics into a fresh state (fine-tuning).
+def warm_start(state: TrainState, variables: Any, meta: dict[str, Any], path: str,
+               tx: optax.GradientTransformation) -> TrainState:
+  """Copies pretrained params and BN statistics (`variables` of the checkpoint at `path`, from
+  `pretrained.load_with_metadata`) into a fresh state (fine-tuning).
 
   A classifier whose class count differs keeps its fresh initialisation; any other mismatch is
   an error naming the variable, since silently training a half-loaded network wastes a run.
   """
-  _, variables, meta = pretrained.load_with_metadata(path)
   loaded = traverse_util.flatten_dict(variables, sep="/")
   fresh = traverse_util.flatten_dict(
       {"params": state.params, "batch_stats": state.batch_stats}, sep="/")
@@ -176,7 +190,7 @@ def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
       logits, new_vars = model.apply(
           {"params": params, "batch_stats": state.batch_stats}, batch["image"], train=True,
           mutable=["batch_stats"], rngs={"dropout": key})
-      loss = losses.cross_entropy(logits, batch["label"], config.label_smoothing).mean()
+      loss = cross_entropy(logits, batch["label"], config.label_smoothing).mean()
       # pmean inside the differentiated function: with check_vma, grad w.r.t. replicated
       # params then equals the global-batch mean gradient (a pmean of grads would not).
       return jax.lax.pmean(loss, AXIS), (logits, new_vars["batch_stats"])
@@ -187,10 +201,10 @@ def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
     params = optax.apply_updates(state.params, updates)
     # Per-device BN statistics are averaged so that replicas never drift.
     batch_stats = jax.lax.pmean(batch_stats, AXIS)
-    accuracy = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS)
     new_state = TrainState(step=state.step + 1, params=params, batch_stats=batch_stats,
                            opt_state=opt_state)
-    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.global_norm(grads)}
+    accuracy = jax.lax.pmean(jnp.mean(jnp.argmax(logits, -1) == batch["label"]), AXIS)
+    return new_state, {"loss": loss, "accuracy": accuracy, "grad_norm": optax.tree.norm(grads)}
 
   step = jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
   return jax.jit(step, donate_argnums=0,
@@ -199,21 +213,18 @@ def make_train_step(model: models.DenseNet, tx: optax.GradientTransformation,
 
 def make_eval_step(model: models.DenseNet, mesh: Mesh
                    ) -> Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]:
-  """A jitted step returning global sums of loss, top-1/top-5 hits and real examples."""
+  """A jitted step returning global sums over the real examples of one batch (mask 1): loss,
+  top-1 and top-5 hits, and their count."""
 
   def per_device(state: TrainState, batch: dict[str, jax.Array]):
     logits = model.apply({"params": state.params, "batch_stats": state.batch_stats},
                          batch["image"], train=False).astype(jnp.float32)
-    mask = batch["mask"]
-    labels = batch["label"]
-    loss = losses.cross_entropy(logits, labels)
+    labels, mask = batch["label"], batch["mask"]
     top5 = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
-    sums = {
-        "loss": jnp.sum(loss * mask),
-        "top1": jnp.sum((top5[:, 0] == labels) * mask),
-        "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
-        "count": jnp.sum(mask),
-    }
+    sums = {"loss": jnp.sum(cross_entropy(logits, labels) * mask),
+            "top1": jnp.sum((top5[:, 0] == labels) * mask),
+            "top5": jnp.sum(jnp.any(top5 == labels[:, None], axis=-1) * mask),
+            "count": jnp.sum(mask)}
     return jax.lax.psum(sums, AXIS)
 
   return jax.jit(jax.shard_map(per_device, mesh=mesh, in_specs=(P(), P(AXIS)), out_specs=P()))

@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import datetime
+import contextlib
 import errno
-import fcntl
-import json
 import os
 import shutil
-import socket
 import time
-from typing import Any
+from typing import Iterator
 
 from absl import logging
+import jax
 from etils import epath
 
-from train import errors
+from densenet_jax import locking
+from train import distributed, errors
 
 LOCK_NAME = "LOCK"
 
@@ -36,79 +35,65 @@ def create(path: epath.Path) -> None:
                               f"writable directory.") from e
 
 
-class Lock:
-  """An exclusive lock on a local workdir, held for the life of the run.
-
-  `flock` on `<workdir>/LOCK`: the kernel releases it when the holder dies (even by kill -9),
-  so a stale lock never blocks anyone, and a live one cannot be stolen. The file records the
-  holder (host, pid, start time) for the message a second run gets.
-  """
-
-  def __init__(self, path: epath.Path):
-    self.path = path / LOCK_NAME
-    self._fd: int | None = None
-
-  def acquire(self) -> None:
-    """Takes the lock or raises WorkdirError naming the run that holds it."""
-    if "://" in str(self.path):
-      logging.warning("%s is not a local path: it cannot be locked, so make sure no other run "
-                      "uses it.", self.path.parent)
-      return
-    try:
-      fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-    except OSError as e:
-      if e.errno == errno.ENOSPC:
-        raise errors.DiskFullError(full_text(self.path.parent)) from e
-      raise errors.WorkdirError(
-          f"Cannot write to --workdir={self.path.parent}: {e.strerror or e}. Choose a writable "
-          f"directory (a finished run on a read-only disk can still be evaluated with "
-          f"--config.eval_only=True).") from e
-    try:
-      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as e:
-      os.close(fd)
-      if e.errno not in (errno.EAGAIN, errno.EACCES):
-        raise
-      raise errors.WorkdirError(
-          f"--workdir={self.path.parent} is in use by another run ({self._describe()}). Wait for "
-          f"it to finish, stop it, or choose another --workdir.") from None
-    previous = self._read(fd)
+@contextlib.contextmanager
+def hold(path: epath.Path) -> Iterator[None]:
+  """An exclusive lock on a local workdir (`<workdir>/LOCK`, densenet_jax.locking) for the life
+  of the run; WorkdirError names the run holding it."""
+  if "://" in str(path):
+    logging.warning("%s is not a local path: it cannot be locked, so make sure no other run "
+                    "uses it.", path)
+    yield
+    return
+  lock = contextlib.ExitStack()
+  try:
+    previous = lock.enter_context(locking.exclusive(path / LOCK_NAME))
+  except locking.Busy as e:
+    raise errors.WorkdirError(
+        f"--workdir={path} is in use by another run ({e.holder}). Wait for it to finish, stop "
+        f"it, or choose another --workdir.") from None
+  except OSError as e:
+    if e.errno == errno.ENOSPC:
+      raise errors.DiskFullError(full_text(path)) from e
+    raise errors.WorkdirError(
+        f"Cannot write to --workdir={path}: {e.strerror or e}. Choose a writable directory (a "
+        f"finished run on a read-only disk can still be evaluated with "
+        f"--config.eval_only=True).") from e
+  with lock:
     if previous:
-      logging.warning("Taking over the lock of a run that is no longer alive (%s).",
-                      _holder_text(previous))
-    holder = {"host": socket.gethostname(), "pid": os.getpid(),
-              "started": datetime.datetime.now().isoformat(timespec="seconds")}
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps(holder).encode(), 0)
-    os.fsync(fd)
-    self._fd = fd
-
-  def release(self) -> None:
-    """Clears the holder record and releases the lock."""
-    if self._fd is None:
-      return
-    os.ftruncate(self._fd, 0)
-    os.close(self._fd)  # closing releases the flock
-    self._fd = None
-
-  def _describe(self) -> str:
-    try:
-      with open(self.path) as f:
-        return _holder_text(json.loads(f.read() or "{}"))
-    except (OSError, ValueError):
-      return "holder unknown"
-
-  @staticmethod
-  def _read(fd: int) -> dict[str, Any]:
-    try:
-      return json.loads(os.pread(fd, 4096, 0).decode() or "{}")
-    except ValueError:
-      return {}
+      logging.warning("Taking over the lock of a run that is no longer alive (%s).", previous)
+    yield
 
 
-def _holder_text(holder: dict[str, Any]) -> str:
-  return (f"pid {holder.get('pid', '?')} on host {holder.get('host', '?')}, started "
-          f"{holder.get('started', '?')}")
+@contextlib.contextmanager
+def locked(path: epath.Path, config_json: str) -> Iterator[None]:
+  """Process 0 creates and locks the workdir and records the config; every process learns
+  whether that worked (and raises if not); the lock is released on exit."""
+  with contextlib.ExitStack() as lock:
+    failure = None
+    if jax.process_index() == 0:
+      try:
+        create(path)
+        lock.enter_context(hold(path))
+        write_config(path, config_json)
+      except errors.UserError as e:
+        failure = e
+    if not distributed.from_process_0(failure is None) and failure is None:
+      failure = errors.WorkdirError(f"Process 0 could not lock --workdir={path}; see its log.")
+    if failure is not None:
+      raise failure
+    yield
+
+
+def writable(path: epath.Path) -> bool:
+  """Whether this process can create files in `path` (a finished run may sit on a read-only
+  disk: it is evaluated without writing metrics)."""
+  try:
+    probe = path / f".write_probe_{jax.process_index()}"
+    probe.write_text("")
+    probe.unlink()
+    return True
+  except OSError:
+    return False
 
 
 def full_text(path: epath.Path, needed: int | None = None) -> str:

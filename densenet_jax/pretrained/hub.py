@@ -38,6 +38,7 @@ import urllib.error
 import urllib.request
 from typing import Callable, Iterator, TypeVar
 
+from densenet_jax import locking
 from densenet_jax.pretrained import checkpoint, common, torchvision
 
 CACHE_ENV = "DENSENET_JAX_CACHE"
@@ -527,48 +528,22 @@ class _Progress:
     sys.stderr.flush()
 
 
-def _holder(f) -> str:
-  """Who holds the lock, as the holder wrote it into the lock file."""
-  f.seek(0)
-  return f.read().strip() or "a process that has not written its pid yet"
-
-
 @contextlib.contextmanager
 def _locked(path: pathlib.Path, what: str) -> Iterator[None]:
   """Holds an exclusive lock on `path`, so one process per host downloads and converts; waits
   at most $DENSENET_JAX_LOCK_TIMEOUT seconds for another holder."""
-  import fcntl  # POSIX only; imported here so that loading from a path works everywhere
-
-  # Polling flock rather than a blocking one (or the filelock package, which truncates the
-  # file on every attempt and so would erase the holder's pid that the error names).
   default = _env_number(DOWNLOAD_TIMEOUT_ENV, DEFAULT_DOWNLOAD_TIMEOUT_S) + _CONVERT_ALLOWANCE_S
   timeout = _env_number(LOCK_TIMEOUT_ENV, default)
   path.parent.mkdir(parents=True, exist_ok=True)
-  with open(path, "a+") as f:
-    try:
-      fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-      print(f"waiting for another process to fetch {what} ({_holder(f)}; at most {timeout:g} s,"
-            f" {LOCK_TIMEOUT_ENV}) ...", file=sys.stderr, flush=True)
-      deadline = time.monotonic() + timeout
-      while True:
-        time.sleep(max(min(0.2, deadline - time.monotonic()), 0))
-        try:
-          fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-          break
-        except BlockingIOError:
-          if time.monotonic() >= deadline:
-            raise WeightsError(
-                f"Waited {timeout:g} s for {path}, held by {_holder(f)} while it fetches "
-                f"{what}. A lock ends with its process, so that process is still running: "
-                f"if it is stuck, stop it; to wait longer, raise {LOCK_TIMEOUT_ENV}.") from None
-    f.seek(0)
-    f.truncate()
-    f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    f.flush()
-    try:
-      yield
-    finally:
-      f.truncate(0)  # a later waiter must not name a process that is gone
-      f.flush()
-      fcntl.flock(f, fcntl.LOCK_UN)
+  say = lambda holder: print(f"waiting for another process to fetch {what} ({holder}; at most "
+                             f"{timeout:g} s, {LOCK_TIMEOUT_ENV}) ...", file=sys.stderr, flush=True)
+  lock = contextlib.ExitStack()
+  try:
+    lock.enter_context(locking.exclusive(path, timeout, on_wait=say))
+  except locking.Busy as e:
+    raise WeightsError(
+        f"Waited {timeout:g} s for {path}, held by {e.holder} while it fetches {what}. A lock "
+        f"ends with its process, so that process is still running: if it is stuck, stop it; to "
+        f"wait longer, raise {LOCK_TIMEOUT_ENV}.") from None
+  with lock:
+    yield
