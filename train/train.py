@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import math
 import time
 from typing import TYPE_CHECKING, Any, Callable
@@ -222,11 +223,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if meta:
       reporter.message(f"Resumed from step {start} of {run.total_steps}.")
 
+    batches = input_pipeline.train_iterator(run.builder, config, run.batches.local_train,
+                                            run.steps_per_epoch, start)
+    # The first batch starts tf.data's threads, which fill its buffers while the step compiles.
+    batches = itertools.chain([next(batches)], batches)
     train_step = compilation.compile_step(
         "train", make_train_step(run.model, run.tx, config, run.mesh), state,
         abstract_batch(run.mesh, run.batches.train, image), say=reporter.message)
-    batches = input_pipeline.train_iterator(run.builder, config, run.batches.local_train,
-                                            run.steps_per_epoch, start)
     preemption.start_training()
     reporter.start(start)
     window, window_start = [], time.time()
@@ -244,8 +247,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       if stop:
         preemption.report_stop(step, reporter.message)
         return state, {}
-      epoch, end_of_epoch = divmod(step, run.steps_per_epoch)
-      if not end_of_epoch and epoch % config.eval_every_epochs == 0 and step < run.total_steps:
+      epoch, into_epoch = divmod(step, run.steps_per_epoch)
+      if into_epoch == 0 and epoch % config.eval_every_epochs == 0 and step < run.total_steps:
         reporter.write(step, "eval", evaluate(run, state, eval_step))
     metrics = evaluate(run, state, eval_step)
     reporter.write(run.total_steps, "eval", metrics)
