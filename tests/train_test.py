@@ -299,6 +299,22 @@ def test_start_up_summary_and_resume_are_announced(tmp_path, tiny_cifar10, capsy
   assert "learning-rate schedule differs" in out and "total steps 2 -> 3" in out
 
 
+def test_throughput_counts_the_time_until_the_window_results_are_ready(monkeypatch):
+  # Steps run asynchronously: a window's time must end when its results exist, not when the
+  # last step was dispatched. Here reading each result takes 0.1 s.
+  def slow_host(x):
+    time.sleep(0.1)
+    return np.asarray(x)
+
+  monkeypatch.setattr(train, "_host", slow_host)
+  run = types.SimpleNamespace(config=types.SimpleNamespace(batch_size=10),
+                              lr_fn=lambda step: 0.1)
+  window = [{"loss": np.float32(1.0), "grad_norm": np.float32(2.0)}] * 2
+  scalars = train._window_scalars(run, window, time.time(), step=2, last_checkpoint=None)
+  assert scalars["loss"] == 1.0 and scalars["grad_norm"] == 2.0
+  assert 20 / 5 <= scalars["images_per_second"] <= 20 / 0.4  # 4 reads of 0.1 s, 20 images
+
+
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
 def test_cross_entropy_of_smoothed_one_hot_targets(smoothing):
   logits = jax.random.normal(jax.random.key(0), (6, 7)).astype(jnp.bfloat16)

@@ -164,11 +164,13 @@ def _resume_warnings(run: Run, meta: dict[str, Any], step: int) -> list[str]:
   return warnings
 
 
-def _window_scalars(run: Run, window: list[dict[str, jax.Array]], seconds: float, step: int,
+def _window_scalars(run: Run, window: list[dict[str, jax.Array]], started: float, step: int,
                     last_checkpoint: int | None) -> dict[str, float]:
-  """The logging window's step means, learning rate and throughput; stops a diverged run
-  before it logs or checkpoints a non-finite state."""
+  """The logging window's step means, learning rate and throughput (from `started`, the
+  window's start time, to its last step's result); stops a diverged run before it logs or
+  checkpoints a non-finite state."""
   scalars = {k: float(np.mean([_host(m[k]) for m in window])) for k in window[0]}
+  seconds = time.time() - started  # after the results: the steps run asynchronously
   if not (math.isfinite(scalars["loss"]) and math.isfinite(scalars["grad_norm"])):
     raise errors.DivergedError(
         f"Training diverged by step {step}: mean loss={scalars['loss']}, gradient norm="
@@ -238,8 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
       window.append(metrics)
       reporter.advance(step)
       if step % config.log_every_steps == 0 or step == run.total_steps:
-        reporter.write(step, "train", _window_scalars(run, window, time.time() - window_start,
-                                                      step, ckpt.latest_step()))
+        reporter.write(step, "train", _window_scalars(run, window, window_start, step,
+                                                      ckpt.latest_step()))
         window, window_start = [], time.time()
       stop = preemption.reached(step)
       if stop or ckpt.due(step) or step == run.total_steps:
