@@ -509,15 +509,12 @@ def train_iterator(builder: tfds.core.DatasetBuilder, config: ml_collections.Con
   split = tfds.split_for_jax_process(config.train_split, drop_remainder=True)
   options = _options(input_threads(config))
   epoch, skip = divmod(start_step, steps_per_epoch)
-  step = start_step
   while True:
     ds = _train_epoch(builder, config, split, local_batch, epoch, skip)
-    batches = _data_errors(iter(tfds.as_numpy(ds.with_options(options))), builder,
-                           config.train_split,
-                           lambda i, first=step: f"while reading the batch of step {first + i + 1}")
-    for batch in batches:
-      step += 1
-      yield batch
+    first = epoch * steps_per_epoch + skip  # the global step of this epoch's first batch
+    yield from _data_errors(
+        iter(tfds.as_numpy(ds.with_options(options))), builder, config.train_split,
+        lambda i, first=first: f"while reading the batch of step {first + i + 1}")
     epoch, skip = epoch + 1, 0
 
 
