@@ -11,6 +11,8 @@ from typing import Any, Iterator
 
 from absl import flags
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+
 
 @contextlib.contextmanager
 def stderr_to(path: str) -> Iterator[None]:
@@ -85,7 +87,7 @@ def _config_load_error(FLAGS, error: BaseException | None = None) -> str | None:
   return None
 
 
-def parse_flags(argv: list[str], doc: str, configs_dir: str | None = None) -> list[str]:
+def parse_flags(argv: list[str], doc: str, configs_dir: str = CONFIGS) -> list[str]:
   """absl flag parsing whose errors (a typo in a config field, say) are one clean line.
 
   `--help` prints `doc`, the shipped configs (those in `configs_dir`) and the flags; usage
@@ -93,7 +95,7 @@ def parse_flags(argv: list[str], doc: str, configs_dir: str | None = None) -> li
   """
   FLAGS = flags.FLAGS  # pylint: disable=invalid-name
   if any(a in ("-h", "--help", "-?") for a in argv[1:]):
-    configs = shipped_configs(configs_dir) if configs_dir and os.path.isdir(configs_dir) else ""
+    configs = shipped_configs(configs_dir) if os.path.isdir(configs_dir) else ""
     try:
       print(doc.strip() + ("\n\n" + configs if configs else "") + "\n\nflags:\n" +
             FLAGS.main_module_help(), flush=True)

@@ -38,7 +38,6 @@ from densenet_jax import pretrained
 from train import checkpointing, cli, distributed, errors, preemption, train, workdir
 
 FLAGS = flags.FLAGS
-CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the config.")
 config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
 flags.DEFINE_bool("print_config", False,
@@ -161,4 +160,4 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__, configs_dir=CONFIGS))
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__))

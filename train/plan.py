@@ -458,6 +458,4 @@ def main(argv: list[str]) -> None:
 
 if __name__ == "__main__":
   _define_flags()
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(
-      argv, __doc__, configs_dir=os.path.join(os.path.dirname(os.path.dirname(
-          os.path.abspath(__file__))), "configs")))
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__))
