@@ -87,21 +87,20 @@ def _read_metadata(path: pathlib.Path) -> dict[str, Any]:
   return metadata
 
 
-def _model(metadata: dict[str, Any]) -> models.DenseNet:
-  """The model a checkpoint's metadata describes (as `load` builds it)."""
-  return models.get_model(metadata["model"], num_classes=metadata["num_classes"],
-                          bn_epsilon=metadata["bn_epsilon"])
+def _model(metadata: dict[str, Any], **overrides: Any) -> models.DenseNet:
+  """The model a checkpoint's metadata describes, with `overrides` of its attributes."""
+  stored = dict(num_classes=metadata["num_classes"], bn_epsilon=metadata["bn_epsilon"])
+  return models.get_model(metadata["model"], **(stored | overrides))
 
 
 def load(path: common.PathLike, **overrides: Any
          ) -> tuple[models.DenseNet, common.Variables, dict[str, Any]]:
   """(model, variables, metadata) from a checkpoint file; overrides must keep shapes."""
   metadata, flat = read(path)
-  stored = dict(num_classes=metadata["num_classes"], bn_epsilon=metadata["bn_epsilon"])
-  model = _model(metadata)
-  variables = common.check_and_unflatten(flat, model, f"checkpoint {path}", metadata["model"])
+  variables = common.check_and_unflatten(flat, _model(metadata), f"checkpoint {path}",
+                                         metadata["model"])
   # Overrides such as dtype, features_only or memory_efficient reuse the same variables.
-  return models.get_model(metadata["model"], **(stored | overrides)), variables, metadata
+  return _model(metadata, **overrides), variables, metadata
 
 
 def convert(source: str, weights: common.PathLike, out: common.PathLike,
