@@ -4,7 +4,6 @@ where it can be checked up front, and naming the split and step where it cannot.
 import re
 import shutil
 import subprocess
-import sys
 
 import ml_collections
 import pytest
@@ -12,7 +11,7 @@ import tensorflow_datasets as tfds
 
 from configs import digits_bc
 from train import checkpointing, digits, errors, input_pipeline, workdir as workdir_lib
-from train_test import REPO
+from train_test import REPO, digits_command
 
 SHARD = "sklearn_digits/1.0.0/sklearn_digits-{}.tfrecord-00000-of-00001"
 
@@ -143,9 +142,7 @@ def test_read_only_workdir_is_one_message(read_only_dir):
 
 
 def _cli(workdir, data_dir):
-  return subprocess.run([sys.executable, "-m", "train.main", "--config", "configs/digits_bc.py",
-                         "--workdir", str(workdir), f"--config.data_dir={data_dir}",
-                         "--config.model_overrides.depth=10"],
+  return subprocess.run(digits_command(workdir, data_dir, "--config.model_overrides.depth=10"),
                         cwd=REPO, capture_output=True, text=True, timeout=300)
 
 

@@ -2,14 +2,13 @@
 
 import json
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
-from multihost_launch import launch, wait_all
+from multihost_launch import launch, trainer, wait_all
 
 pytestmark = pytest.mark.slow
 
@@ -51,12 +50,12 @@ def test_imagenet_path_on_two_processes_of_four_devices(tmp_path):
   write_jpeg_dataset(tmp_path / "tfds")
   (tmp_path / "tiny_imagenet.py").write_text(TINY_CONFIG)
   workdir = tmp_path / "run"
-  args = [sys.executable, "-m", "train.main", "--config", str(tmp_path / "tiny_imagenet.py"),
+  args = ["--config", str(tmp_path / "tiny_imagenet.py"),
           "--config.dataset=tiny_imagenet_jpeg", f"--config.data_dir={tmp_path / 'tfds'}",
           "--config.download=False", "--config.image_size=32", "--config.batch_size=16",
           "--config.eval_batch_size=16", "--config.num_train_steps=3",
           "--config.log_every_steps=1", "--config.shuffle_buffer=64", f"--workdir={workdir}"]
-  procs = launch(lambda i, multi: args + multi, 2, 4, tmp_path, "process")
+  procs = launch(trainer(args), 2, 4, tmp_path, "process")
   codes = wait_all(procs, 600)
   assert codes == [0, 0], "\n".join(
       (tmp_path / f"process{i}.log").read_text()[-3000:] for i in range(2))

@@ -6,7 +6,6 @@ import os
 import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
@@ -14,14 +13,13 @@ import numpy as np
 import pytest
 
 from train import preemption
-from train_test import REPO, saved_params
+from train_test import REPO, checkpoint_steps, digits_command, saved_params
 
 
 def command(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "train.main", "--config", "configs/digits_bc.py",
-          "--workdir", str(workdir), f"--config.data_dir={data_dir}",
-          "--config.model_overrides.depth=10", "--config.num_train_steps=5000",
-          "--config.log_every_steps=1", "--config.async_checkpoints=True", *extra]
+  return digits_command(workdir, data_dir, "--config.model_overrides.depth=10",
+                        "--config.num_train_steps=5000", "--config.log_every_steps=1",
+                        "--config.async_checkpoints=True", *extra)
 
 
 def start(cmd):
@@ -36,11 +34,6 @@ def train_steps(workdir):
     return []
   return [json.loads(l)["step"] for l in path.read_text().splitlines()
           if l.strip() and json.loads(l)["kind"] == "train"]
-
-
-def committed(workdir):
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                if p.name.isdigit())
 
 
 def wait_until(predicate, proc, timeout=300):
@@ -67,7 +60,7 @@ def test_ctrl_c_mid_run_checkpoints_the_step_reached_and_exits_130(tmp_path):
   reached = max(train_steps(workdir))
   # One line (and no tf.data KeyboardInterrupt traceback); the step reached is saved and complete.
   assert err.strip() == f"Checkpointed step {reached} after Ctrl-C; rerun the same command to resume."
-  assert committed(workdir) == [reached]
+  assert checkpoint_steps(workdir) == [reached]
   assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
   assert finite(saved_params(workdir, reached))
 
@@ -87,7 +80,7 @@ def test_second_ctrl_c_stops_at_once_and_the_newest_checkpoint_stays_valid(tmp_p
   assert proc.returncode == 130, err[-3000:]
   assert len(err.strip().splitlines()) == 1, err[-3000:]
   assert err.startswith("Stopped at once by a second Ctrl-C") and "Traceback" not in err
-  newest = committed(workdir)[-1]
+  newest = checkpoint_steps(workdir)[-1]
   assert newest >= 3 and finite(saved_params(workdir, newest))
 
 

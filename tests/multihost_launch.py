@@ -4,6 +4,7 @@ import os
 import pathlib
 import socket
 import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -15,6 +16,11 @@ def free_port() -> int:
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     return s.getsockname()[1]
+
+
+def trainer(args: list[str]) -> Callable[[int, list[str]], list[str]]:
+  """The `launch` command of `python -m train.main args` (every process gets the same flags)."""
+  return lambda i, multi: [sys.executable, "-m", "train.main", *args, *multi]
 
 
 def launch(cmd: Callable[[int, list[str]], list[str]], processes: int, devices_per_process: int,

@@ -9,7 +9,8 @@ import time
 import numpy as np
 import pytest
 
-from multihost_launch import launch, wait_all
+from multihost_launch import launch, trainer, wait_all
+from train_test import checkpoint_steps
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 WORKER = REPO / "tests" / "_multihost_worker.py"
@@ -68,8 +69,7 @@ def test_dead_peer_stops_the_survivor_and_a_relaunch_resumes(tmp_path):
   workdir = tmp_path / "run"
   common = flags(tmp_path, workdir, "--config.num_train_steps=400",
                  "--config.checkpoint_every_steps=5", "--heartbeat_timeout_seconds=10")
-  cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
-  procs = launch(cmd, 2, 2, tmp_path, "first")
+  procs = launch(trainer(common), 2, 2, tmp_path, "first")
   metrics = workdir / "metrics.jsonl"
   wait_for_train_lines(metrics, 12)
   deadline = time.time() + 120  # the asynchronous save of step 10 commits in the background
@@ -85,11 +85,10 @@ def test_dead_peer_stops_the_survivor_and_a_relaunch_resumes(tmp_path):
   assert took < 60  # heartbeat timeout 10 s plus shutdown; never a hang
   assert any(s in log for s in ("gloo", "distributed service", "heartbeat", "Connection")), log[-2000:]
 
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = checkpoint_steps(workdir)
   assert saved and saved[-1] >= 10
-  resume = lambda i, multi: [sys.executable, "-m", "train.main"] + flags(
-      tmp_path, workdir, f"--config.num_train_steps={saved[-1] + 3}") + multi
-  again = launch(resume, 2, 2, tmp_path, "again")
+  again = launch(trainer(flags(tmp_path, workdir, f"--config.num_train_steps={saved[-1] + 3}")),
+                 2, 2, tmp_path, "again")
   assert wait_all(again, 400) == [0, 0], (tmp_path / "again0.log").read_text()[-3000:]
   steps = [json.loads(l)["step"] for l in metrics.read_text().splitlines()
            if json.loads(l)["kind"] == "train"]
@@ -108,14 +107,13 @@ def test_sigterm_to_one_process_stops_both_at_one_step_and_resume_is_bit_exact(t
   flags_ = lambda *a: flags(tmp_path, *a, "--config.lr_boundaries=()")
   common = flags_(workdir, "--config.train_split=train[:640]",
                  "--config.num_train_steps=200", "--config.checkpoint_every_steps=1000")
-  cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
-  procs = launch(cmd, 2, 2, tmp_path, "first")
+  procs = launch(trainer(common), 2, 2, tmp_path, "first")
   metrics = workdir / "metrics.jsonl"
   wait_for_train_lines(metrics, 5)
   procs[1].send_signal(signal.SIGTERM)  # one host is preempted first, as on a pod
   assert wait_all(procs, 200) == [0, 0], (tmp_path / "first0.log").read_text()[-3000:]
   logs = [(tmp_path / f"first{i}.log").read_text() for i in range(2)]
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = checkpoint_steps(workdir)
   assert len(saved) == 1 and 5 <= saved[0] < 200
   stopped = saved[0]
   assert f"Checkpointed step {stopped} after a preemption notice" in logs[0]
@@ -144,14 +142,13 @@ def test_ctrl_c_to_one_process_stops_both_at_one_step(tmp_path):
   workdir = tmp_path / "run"
   common = flags(tmp_path, workdir, "--config.train_split=train[:640]",
                  "--config.num_train_steps=400", "--config.checkpoint_every_steps=1000")
-  cmd = lambda i, multi: [sys.executable, "-m", "train.main"] + common + multi
-  procs = launch(cmd, 2, 2, tmp_path, "first")
+  procs = launch(trainer(common), 2, 2, tmp_path, "first")
   wait_for_train_lines(workdir / "metrics.jsonl", 5)
   procs[1].send_signal(signal.SIGINT)  # passed on to JAX's preemption service
   codes = wait_all(procs, 200)
   logs = [(tmp_path / f"first{i}.log").read_text() for i in range(2)]
   assert codes == [0, 130], logs[1][-3000:]
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = checkpoint_steps(workdir)
   assert len(saved) == 1 and 5 <= saved[0] < 400
   assert f"Checkpointed step {saved[0]} after Ctrl-C; rerun the same command" in logs[1]
   assert f"Checkpointed step {saved[0]} after a preemption notice" in logs[0]

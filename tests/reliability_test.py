@@ -2,7 +2,6 @@
 
 import json
 import os
-import pathlib
 import re
 import signal
 import subprocess
@@ -17,12 +16,8 @@ import orbax.checkpoint as ocp
 import pytest
 
 from train import checkpointing, errors, preemption, train, workdir as workdir_lib
-from train_test import REPO, read_metrics, saved_params, tiny_config
-
-
-def checkpoint_steps(workdir):
-  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
-                if p.name.isdigit())
+from train_test import (REPO, checkpoint_steps, digits_command, read_metrics, saved_params,
+                        tiny_config)
 
 
 def all_finite(tree):
@@ -184,9 +179,7 @@ def test_each_launch_keeps_its_config_and_eval_only_writes_none(tmp_path, tiny_c
 
 
 def _cli(workdir, data_dir, *extra):
-  return [sys.executable, "-m", "train.main", "--config", "configs/digits_bc.py",
-          "--workdir", str(workdir), f"--config.data_dir={data_dir}",
-          "--config.model_overrides.depth=10", *extra]
+  return digits_command(workdir, data_dir, "--config.model_overrides.depth=10", *extra)
 
 
 @pytest.mark.slow

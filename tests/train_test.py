@@ -48,6 +48,12 @@ def read_metrics(workdir):
   return [json.loads(l) for l in (pathlib.Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
+def checkpoint_steps(workdir):
+  """The steps of the committed checkpoints in a workdir, oldest first."""
+  return sorted(int(p.name) for p in (pathlib.Path(workdir) / "checkpoints").iterdir()
+                if p.name.isdigit())
+
+
 def saved_params(workdir, step):
   ckpt = checkpointing.Checkpointer(pathlib.Path(workdir).resolve(), 1, 10)
   restored = ckpt.manager.restore(step)
@@ -154,7 +160,8 @@ def test_eight_device_step_equals_one_device_step(tmp_path):
     np.testing.assert_allclose(eight[k], one[k], rtol=2e-5, atol=2e-6, err_msg=k)
 
 
-def _cli(workdir, data_dir, *extra):
+def digits_command(workdir, data_dir, *extra):
+  """`python -m train.main` on the digits config: the command the CLI tests run."""
   return [sys.executable, "-m", "train.main", "--config", "configs/digits_bc.py",
           "--workdir", str(workdir), f"--config.data_dir={data_dir}", *extra]
 
@@ -162,7 +169,7 @@ def _cli(workdir, data_dir, *extra):
 @pytest.mark.slow
 def test_sigterm_checkpoints_and_the_rerun_resumes(tmp_path):
   workdir = tmp_path / "run"
-  proc = subprocess.Popen(_cli(workdir, tmp_path / "tfds", "--config.log_every_steps=1",
+  proc = subprocess.Popen(digits_command(workdir, tmp_path / "tfds", "--config.log_every_steps=1",
                                "--config.checkpoint_every_steps=1000"),
                           cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
   deadline = time.time() + 300
@@ -173,12 +180,12 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(tmp_path):
   _, err = proc.communicate(timeout=120)
   assert proc.returncode == 0, err
   assert "SIGTERM" in err
-  saved = sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit())
+  saved = checkpoint_steps(workdir)
   # The only save is the SIGTERM one (interval 1000).
   assert len(saved) == 1 and 3 <= saved[0] < 220
   stopped = saved[-1]
   assert max(l["step"] for l in read_metrics(workdir)) == stopped
-  rerun = subprocess.run(_cli(workdir, tmp_path / "tfds", "--config.num_train_steps",
+  rerun = subprocess.run(digits_command(workdir, tmp_path / "tfds", "--config.num_train_steps",
                               str(stopped + 2), "--config.log_every_steps=1"),
                          cwd=REPO, capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr
@@ -189,7 +196,7 @@ def test_sigterm_checkpoints_and_the_rerun_resumes(tmp_path):
 @pytest.mark.slow
 def test_digits_demo_reaches_98_percent(tmp_path):
   start = time.time()
-  result = subprocess.run(_cli(tmp_path / "run", tmp_path / "tfds"), cwd=REPO,
+  result = subprocess.run(digits_command(tmp_path / "run", tmp_path / "tfds"), cwd=REPO,
                           capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr
   accuracy = float(result.stdout.split("Final test accuracy: ")[1].split()[0])
