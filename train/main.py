@@ -63,16 +63,19 @@ def _import_tensorflow_quietly() -> None:
 
 
 def _quiet() -> None:
-  """Without --verbosity: warnings only (orbax logs every file it writes at INFO), and a failed
-  background write reported once, by `main`, not also by orbax's logged traceback and by the
-  'Event loop is closed' errors tensorstore's threads raise once orbax has torn its loop down
-  (through sys.unraisablehook: a bare traceback)."""
+  """Without --verbosity: warnings only (orbax logs every file it writes at INFO), and each
+  event reported once, by `main`, not also as a bare 'Exception ignored' traceback: a failed
+  background write (orbax's logged traceback, and the 'Event loop is closed' errors
+  tensorstore's threads raise once orbax has torn its loop down), and a SIGTERM or Ctrl-C
+  during start-up whose handler ran inside a callback (a GC callback, a __del__), where Python
+  swallows the exception; Preemption.start_training raises it again."""
   logging.set_verbosity(logging.WARNING)
   logging.get_absl_handler().addFilter(
       lambda record: record.levelno < stdlib_logging.ERROR or "/orbax/" not in record.pathname)
   noise = lambda e: isinstance(e, RuntimeError) and str(e) == "Event loop is closed"
   sys.excepthook = lambda kind, e, tb: noise(e) or sys.__excepthook__(kind, e, tb)
-  sys.unraisablehook = lambda u: noise(u.exc_value) or sys.__unraisablehook__(u)
+  swallowed = lambda e: noise(e) or isinstance(e, preemption.Preempted)
+  sys.unraisablehook = lambda u: swallowed(u.exc_value) or sys.__unraisablehook__(u)
 
 
 def run() -> tuple[train.TrainState, dict[str, float], preemption.Preemption]:
