@@ -3,11 +3,13 @@
     python -m train.main --config configs/cifar_bc.py --workdir /tmp/run [--config.FIELD=VALUE ...]
     python -m train.main --config configs/cifar_bc.py --print_config   # every field, explained
 
-Exit codes: 0 done (or checkpointed after SIGTERM); 2 usage error (a bad flag, a missing config
-file); 1 a run-time failure the user can fix (config, data, workdir, disk, checkpoints: one
-message naming the fix; --verbosity=1 or DENSENET_JAX_TRACEBACK=1 adds the traceback); 130 after
-Ctrl-C (the first checkpoints the step reached, a second stops at once); 143 after a SIGTERM
-during start-up.
+Exit codes: 0 done, or checkpointed after a notice: SIGTERM, SIGHUP (the terminal closed) or
+SIGQUIT (Ctrl-\\, which first prints every thread's stack); 2 usage error (a bad flag, a missing
+config file); 1 a run-time failure the user can fix (config, data, workdir, disk, checkpoints:
+one message naming the fix; --verbosity=1 or DENSENET_JAX_TRACEBACK=1 adds the traceback); 130
+after Ctrl-C (the first checkpoints the step reached, or lets the final save and evaluation
+finish; a second stops at once); 143, 129, 131 after a SIGTERM, SIGHUP, SIGQUIT during start-up
+(128 + the signal's number: nothing to save).
 """
 
 import contextlib
@@ -140,13 +142,14 @@ def main(argv: list[str]) -> None:
       preemption.say(message)
       _exit_now(preemption.EXIT_INTERRUPTED)
     preemption.say(f"error: {message}")
-    _exit_now(preemption.EXIT_PREEMPTED if isinstance(e, preemption.Preempted) else
+    _exit_now(e.exit_code if isinstance(e, preemption.Preempted) else
               2 if isinstance(e, errors.UsageError) else 1)
   if metrics and jax.process_index() == 0:
     print(f"Final test accuracy: {metrics['accuracy']:.4f} "
           f"({int(metrics['examples'])} examples)", flush=True)
-  if not metrics and notice.interrupted:
-    preemption.say(preemption.stopped_text(int(checkpointing.host_value(state.step))))
+  if notice.interrupted:  # a Ctrl-C during the final save or evaluation lets them finish
+    preemption.say(preemption.stopped_text(int(checkpointing.host_value(state.step)),
+                                           finished=bool(metrics)))
     _exit_now(preemption.EXIT_INTERRUPTED)
 
 

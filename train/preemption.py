@@ -1,10 +1,13 @@
-"""SIGTERM and Ctrl-C as requests to checkpoint and stop, agreed by every process at one step."""
+"""SIGTERM, SIGHUP, SIGQUIT and Ctrl-C as requests to checkpoint and stop, agreed by every
+process at one step."""
 
 from __future__ import annotations
 
+import faulthandler
 import os
 import signal
 import socket
+import sys
 import threading
 from typing import Callable
 
@@ -14,20 +17,35 @@ from jax.experimental import multihost_utils
 
 
 class Preempted(BaseException):
-  """SIGTERM arrived before training started: nothing to save, so the run stops at once.
+  """A notice (SIGTERM, SIGHUP, SIGQUIT) arrived before training started: nothing to save, so
+  the run stops at once, with exit code 128 + the signal's number, as if it had killed us.
 
   A BaseException, like KeyboardInterrupt, so that no library's `except Exception` swallows it.
   """
+
+  def __init__(self, message: str, exit_code: int = 128 + signal.SIGTERM):
+    super().__init__(message)
+    self.exit_code = exit_code
 
 
 class Interrupted(Preempted):
   """Ctrl-C (SIGINT) arrived before training started: nothing to save, so the run stops."""
 
+  def __init__(self, message: str):
+    super().__init__(message, EXIT_INTERRUPTED)
 
-EXIT_PREEMPTED = 143  # SIGTERM before the first step: 128 + SIGTERM, as if it had killed us
+
 EXIT_INTERRUPTED = 130  # Ctrl-C: 128 + SIGINT, what shells and schedulers expect
 
-_START_UP = ("SIGTERM during start-up, before the first step: nothing was saved. Rerun the same "
+# The signals that ask a run to checkpoint and stop, as a scheduler's SIGTERM does, and what
+# each means in the line that reports the checkpoint. SIGHUP: the terminal or SSH session that
+# started the run closed. SIGQUIT (Ctrl-\): a user debugging a stuck run; every thread's stack
+# is dumped first (faulthandler, which works while the main thread is inside XLA).
+NOTICES = {signal.SIGTERM: "a preemption notice (SIGTERM)",
+           signal.SIGHUP: "SIGHUP (the terminal closed)",
+           signal.SIGQUIT: "SIGQUIT (the stacks of every thread are above)"}
+
+_START_UP = ("{} during start-up, before the first step: nothing was saved. Rerun the same "
              "command to start again.")
 _CTRL_C_START_UP = ("Stopped by Ctrl-C before the first training step: nothing was saved. "
                     "Rerun the same command to start again.")
@@ -44,20 +62,25 @@ def say(text: str) -> None:
     pass
 
 
-def stopped_text(step: int) -> str:
-  """The line a run prints after checkpointing `step` for a Ctrl-C."""
+def stopped_text(step: int, finished: bool = False) -> str:
+  """The line a run prints after checkpointing `step` for a Ctrl-C (`finished`: it came during
+  the final save or evaluation, which completed)."""
+  if finished:
+    return (f"Ctrl-C after the last step: the run is complete, its final checkpoint (step "
+            f"{step}) and evaluation were written.")
   return f"Checkpointed step {step} after Ctrl-C; rerun the same command to resume."
 
 
 class Preemption:
-  """Where the process should stop for a preemption notice (SIGTERM) or a Ctrl-C (SIGINT).
+  """Where the process should stop for a notice (SIGTERM, SIGHUP, SIGQUIT) or a Ctrl-C (SIGINT).
 
   With a distributed runtime, JAX's preemption service owns SIGTERM: the notice reaches every
   process, and `reached_preemption_sync_point` turns True on all of them at the same step (the
   highest step any process has reported, plus one), so their collective save cannot deadlock.
-  A Ctrl-C there is passed on to that service as a SIGTERM to this process, so it stops every
-  process at one step too. Without one, Python handlers record the signal: during start-up
-  they stop at once (there is nothing to save), inside the loop at the next step boundary.
+  A Ctrl-C, SIGHUP or SIGQUIT there is passed on to that service as a SIGTERM to this process,
+  so it stops every process at one step too. Without one, Python handlers record the signal:
+  during start-up they stop at once (there is nothing to save), inside the loop at the next
+  step boundary. A SIGHUP that its parent set to be ignored (`nohup`) stays ignored.
 
   A second Ctrl-C stops the process at once (exit 130): a checkpoint being written is left as
   orbax's temporary directory, which the next run deletes, so the newest committed checkpoint
@@ -69,25 +92,41 @@ class Preemption:
     self.distributed = jax.distributed.is_initialized()
     self.requested = False
     self.interrupted = False  # the notice was a Ctrl-C (exit 130), not a SIGTERM
+    self.notice = signal.SIGTERM  # which notice arrived (the first one)
     self.training = False
-    self._previous = None
-    self._previous_int = None
+    self._previous: dict[int, object] = {}
     self._previous_wakeup = None
     self._wakeup: tuple[socket.socket, socket.socket] | None = None
     self._watcher_interrupts = 0
     if threading.current_thread() is not threading.main_thread():
       return  # signal handlers can only be set from the main thread
-    if not self.distributed:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
+    for signum in NOTICES:
+      if signum == signal.SIGTERM and self.distributed:
+        continue  # JAX's preemption service handles it
+      if signum == signal.SIGHUP and signal.getsignal(signum) is signal.SIG_IGN:
+        continue
+      self._previous[signum] = signal.signal(signum, self._handle)
+    if signal.SIGQUIT in self._previous:
+      # Dumped from C at once, then chained to the Python handler above.
+      faulthandler.register(signal.SIGQUIT, file=sys.stderr, all_threads=True, chain=True)
+    self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_int)
     self._watch_wakeup_fd()
 
   def _handle(self, signum, frame) -> None:
-    del signum, frame
+    del frame
+    name = signal.Signals(signum).name
+    if signum == signal.SIGHUP:
+      _drop_hung_up_terminal()
+    if not self.requested:
+      self.notice = signal.Signals(signum)
+    if self.distributed:  # a SIGHUP or SIGQUIT: JAX's preemption service owns SIGTERM
+      os.kill(os.getpid(), signal.SIGTERM)
+      logging.warning("%s: every process checkpoints and stops at the same step.", name)
+      return
     self.requested = True
     if not self.training:
-      raise Preempted(_START_UP)
-    logging.warning("SIGTERM: saving a checkpoint and stopping after this step.")
+      raise Preempted(_START_UP.format(name), 128 + signum)
+    logging.warning("%s: saving a checkpoint and stopping after this step.", name)
 
   def _handle_int(self, signum, frame) -> None:
     del signum, frame
@@ -129,9 +168,11 @@ class Preemption:
         _stop_now()
 
   def start_training(self) -> None:
-    """From now on a SIGTERM or Ctrl-C checkpoints at the next step boundary instead of stopping."""
+    """From now on a notice or Ctrl-C checkpoints at the next step boundary instead of stopping."""
     if self.requested:  # the handler's exception can be swallowed (raised inside a __del__)
-      raise Interrupted(_CTRL_C_START_UP) if self.interrupted else Preempted(_START_UP)
+      if self.interrupted:
+        raise Interrupted(_CTRL_C_START_UP)
+      raise Preempted(_START_UP.format(self.notice.name), 128 + self.notice)
     self.training = True
 
   def reached(self, step: int) -> bool:
@@ -148,18 +189,17 @@ class Preemption:
     if self.interrupted:
       logging.info("Ctrl-C: checkpointed step %d; exiting.", step)
       return
-    message(f"Checkpointed step {step} after a preemption notice (SIGTERM); rerun the same "
-            f"command to resume.")
+    message(f"Checkpointed step {step} after {NOTICES[self.notice]}; rerun the same command "
+            f"to resume.")
     logging.warning("Preempted: checkpointed step %d; exiting.", step)
 
   def close(self) -> None:
-    """Reinstates the previous SIGTERM and SIGINT handlers."""
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-      self._previous = None
-    if self._previous_int is not None:
-      signal.signal(signal.SIGINT, self._previous_int)
-      self._previous_int = None
+    """Reinstates the previous signal handlers."""
+    if signal.SIGQUIT in self._previous:
+      faulthandler.unregister(signal.SIGQUIT)
+    for signum, previous in self._previous.items():
+      signal.signal(signum, previous)
+    self._previous = {}
     if self._wakeup is not None:
       signal.set_wakeup_fd(self._previous_wakeup if self._previous_wakeup is not None else -1)
       reader, writer = self._wakeup
@@ -167,6 +207,18 @@ class Preemption:
       reader.shutdown(socket.SHUT_RDWR)  # ends the watcher's recv
       reader.close()
       self._wakeup = None
+
+
+def _drop_hung_up_terminal() -> None:
+  """Points stdout and stderr at /dev/null where they are a terminal that hung up: every write
+  there fails (EIO), and a failed print must not stop the checkpoint the SIGHUP asks for."""
+  for fd in (1, 2):
+    try:
+      os.write(fd, b"")
+    except OSError:
+      null = os.open(os.devnull, os.O_WRONLY)
+      os.dup2(null, fd)
+      os.close(null)
 
 
 _stopping = threading.Lock()
