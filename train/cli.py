@@ -87,6 +87,14 @@ def _config_load_error(FLAGS, error: BaseException | None = None) -> str | None:
   return None
 
 
+def require_config(config: Any) -> None:
+  """Exits 2 with one line unless --config named a config file (both programs need one)."""
+  if config is None:
+    print("error: --config is required, e.g. --config configs/cifar_bc.py.", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
+
+
 def parse_flags(argv: list[str], doc: str, configs_dir: str = CONFIGS) -> list[str]:
   """absl flag parsing whose errors (a typo in a config field, say) are one clean line.
 

@@ -119,8 +119,7 @@ def _usage_error(text: str) -> None:
 
 def main(argv: list[str]) -> None:
   """Trains and evaluates; prints the final test accuracy."""
-  if FLAGS.config is None:
-    _usage_error("--config is required, e.g. --config configs/cifar_bc.py.")
+  cli.require_config(FLAGS.config)
   if FLAGS.print_config:
     print(cli.describe_config(FLAGS.config))
     return
