@@ -18,7 +18,6 @@ STD_255 = tuple(round(s * 255, 6) for s in STD)
 
 RESIZE = 256  # shorter side before the centre crop (= CROP / 0.875)
 CROP = 224
-INTERPOLATION = "bilinear"
 
 
 def resize_for_crop(crop: int) -> int:

@@ -10,7 +10,8 @@ import pytest
 import tensorflow_datasets as tfds
 
 from configs import digits_bc
-from train import checkpointing, digits, errors, input_pipeline, workdir as workdir_lib
+from train import (checkpointing, data_integrity, digits, errors, input_pipeline,
+                   workdir as workdir_lib)
 from train_test import REPO, digits_command
 
 SHARD = "sklearn_digits/1.0.0/sklearn_digits-{}.tfrecord-00000-of-00001"
@@ -47,7 +48,7 @@ def test_truncated_shard_is_named_before_anything_is_compiled(data_dir):
   with open(shard, "r+b") as f:
     f.truncate(200_000)
   builder = input_pipeline.get_builder(config_for(data_dir))
-  with pytest.raises(input_pipeline.DataCorruptError,
+  with pytest.raises(data_integrity.DataCorruptError,
                      match=rf"Split 'train' .* damaged: {shard} does not match dataset_info.json "
                            r"\(200,000 bytes on disk, 249,991 expected.*Delete .* and rerun"):
     input_pipeline.dataset_info(builder, config_for(data_dir))
@@ -57,7 +58,7 @@ def test_missing_shard_is_named(data_dir):
   shard = data_dir / SHARD.format("test")
   shard.unlink()
   builder = input_pipeline.get_builder(config_for(data_dir))
-  with pytest.raises(input_pipeline.DataCorruptError,
+  with pytest.raises(data_integrity.DataCorruptError,
                      match=rf"Split 'test' .* incomplete: {shard} is missing"):
     input_pipeline.dataset_info(builder, config_for(data_dir))
 
@@ -66,13 +67,13 @@ def test_corrupt_record_of_a_small_eval_split_is_found_before_training(data_dir)
   shard = data_dir / SHARD.format("test")
   overwrite(shard, 30_000)  # same size: only reading the records (their CRCs) shows it
   builder = input_pipeline.get_builder(config_for(data_dir))
-  with pytest.raises(input_pipeline.DataCorruptError,
+  with pytest.raises(data_integrity.DataCorruptError,
                      match=rf"Split 'test' .* {shard} has an unreadable record \(corrupted record"):
     input_pipeline.dataset_info(builder, config_for(data_dir))
 
 
 def test_a_sliced_or_joined_split_checks_its_stored_splits():
-  assert input_pipeline.base_splits(["train[:90%]+extra", "train[90%:]", "test"]) == [
+  assert data_integrity.base_splits(["train[:90%]+extra", "train[90%:]", "test"]) == [
       "train", "extra", "test"]
 
 
@@ -82,7 +83,7 @@ def test_corrupt_record_mid_training_names_the_file_the_step_and_the_fix(data_di
   config = config_for(data_dir)
   builder = input_pipeline.get_builder(config)
   batches = input_pipeline.train_iterator(builder, config, 64, 22, start_step=5)
-  with pytest.raises(input_pipeline.DataCorruptError) as e:
+  with pytest.raises(data_integrity.DataCorruptError) as e:
     for _ in range(40):
       next(batches)
   text = str(e.value)
@@ -98,7 +99,7 @@ def test_corrupt_record_during_evaluation_names_the_file(data_dir):
   overwrite(shard, 30_000)
   config = config_for(data_dir)
   builder = input_pipeline.get_builder(config)
-  with pytest.raises(input_pipeline.DataCorruptError,
+  with pytest.raises(data_integrity.DataCorruptError,
                      match=rf"{shard} cannot be read .* during evaluation"):
     list(input_pipeline.eval_iterator(builder, config, 1, 128, 3))
 
@@ -115,7 +116,7 @@ def test_tfds_dataset_without_dataset_info_is_one_message(tmp_path, _cifar10_dir
   (tmp_path / "tfds" / "cifar10" / version.split("/")[-1] / "dataset_info.json").unlink()
   config = ml_collections.ConfigDict({"dataset": "cifar10", "data_dir": str(tmp_path / "tfds"),
                                       "manual_dir": "", "download": False})
-  with pytest.raises(input_pipeline.DataCorruptError,
+  with pytest.raises(data_integrity.DataCorruptError,
                      match=r"holds \d+ files but no dataset_info.json.*Prepare the dataset again"):
     input_pipeline.get_builder(config)
 

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jax
 import tqdm
 from etils import epath
-
-if TYPE_CHECKING:
-  from train.train import Run
 
 
 class Reporter:
@@ -81,28 +78,3 @@ def summary_block(rows: list[tuple[str, Any]]) -> str:
   width = max(len(name) for name, _ in rows)
   return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
-
-def run_summary(run: Run, params: int, resumed: bool) -> list[tuple[str, Any]]:
-  """The start-up summary's rows: model, data, devices, batch, steps, schedule, workdir."""
-  c, info, b = run.config, run.info, run.batches
-  overrides = ", ".join(f"{k}={v}" for k, v in dict(c.model_overrides).items())
-  s = run.schedule()
-  schedule = (f"{c.lr_schedule}, lr {c.learning_rate:g}" +
-              (f" x{c.lr_decay:g} at steps {s['boundaries']}" if s["boundaries"] else "") +
-              (f", {s['warmup_steps']} warmup steps" if s["warmup_steps"] else ""))
-  devices = jax.device_count()
-  eval_note = (f" ({c.eval_batch_size} rounded up to {devices} devices; padding is masked)"
-               if b.eval != c.eval_batch_size else "")
-  return [
-      ("model", f"{c.model}" + (f" ({overrides})" if overrides else "") +
-       f", {params:,} parameters, {'bfloat16' if c.half_precision else 'float32'}"),
-      ("data", f"{c.dataset}: {info.num_train:,} train ({c.train_split}) / {info.num_eval:,} "
-               f"eval ({c.eval_split}), {info.num_classes} classes, augment={c.augment}"),
-      ("devices", f"{jax.process_count()} process(es) x {jax.local_device_count()} "
-                  f"{jax.default_backend()} device(s) = {devices}"),
-      ("batch", f"{b.train} global, {b.local_train} per process, {b.train // devices} per "
-                f"device; eval {b.eval}{eval_note}"),
-      ("steps", f"{run.steps_per_epoch} per epoch, {run.total_steps} in total"),
-      ("schedule", schedule),
-      ("workdir", f"{run.workdir}" + (" (resumed)" if resumed else "")),
-  ]

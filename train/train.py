@@ -3,8 +3,8 @@
 `train_and_evaluate` reads as flax's examples/imagenet: `prepare` (config, devices, dataset,
 model), `restore_or_initialize`, then one `for step, batch in ...` loop that logs, checkpoints
 and evaluates. The step itself lives in `train.step`, the workdir lock in `train.workdir`, what
-a run shows in `train.reporting`. TensorFlow/tfds (the input pipeline) are imported where data
-is read.
+a run shows in `train.reporting`. The input pipeline (TensorFlow, tfds) is imported by
+`prepare`, which binds the run's batch streams.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import functools
 import itertools
 import math
 import time
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,6 @@ class Run:
 
   config: ml_collections.ConfigDict
   workdir: epath.Path
-  builder: Any
   info: input_pipeline.DatasetInfo
   batches: validation.Batches
   steps_per_epoch: int
@@ -55,6 +54,8 @@ class Run:
   tx: optax.GradientTransformation
   mesh: Mesh
   pretrained: tuple[Any, dict[str, Any]] | None  # (variables, metadata) of config.init_from
+  train_batches: Callable[[int], Iterator[dict[str, np.ndarray]]]  # local batches from a step on
+  eval_batches: Callable[[], Iterator[dict[str, np.ndarray]]]  # the whole eval split, padded
 
   def identity(self) -> dict[str, Any]:
     """What determines the saved state's structure; a checkpoint must match it to resume."""
@@ -77,11 +78,39 @@ class Run:
     return {"seed": self.config.seed, "batch_size": self.config.batch_size,
             "identity": self.identity(), "schedule": self.schedule()}
 
+  def summary(self, params: int, resumed: bool) -> list[tuple[str, Any]]:
+    """The start-up summary's rows: model, data, devices, batch, steps, schedule, workdir."""
+    c, info, b = self.config, self.info, self.batches
+    overrides = ", ".join(f"{k}={v}" for k, v in dict(c.model_overrides).items())
+    s = self.schedule()
+    schedule = (f"{c.lr_schedule}, lr {c.learning_rate:g}" +
+                (f" x{c.lr_decay:g} at steps {s['boundaries']}" if s["boundaries"] else "") +
+                (f", {s['warmup_steps']} warmup steps" if s["warmup_steps"] else ""))
+    devices = jax.device_count()
+    eval_note = (f" ({c.eval_batch_size} rounded up to {devices} devices; padding is masked)"
+                 if b.eval != c.eval_batch_size else "")
+    return [
+        ("model", f"{c.model}" + (f" ({overrides})" if overrides else "") +
+         f", {params:,} parameters, {'bfloat16' if c.half_precision else 'float32'}"),
+        ("data", f"{c.dataset}: {info.num_train:,} train ({c.train_split}) / "
+                 f"{info.num_eval:,} eval ({c.eval_split}), {info.num_classes} classes, "
+                 f"augment={c.augment}"),
+        ("devices", f"{jax.process_count()} process(es) x {jax.local_device_count()} "
+                    f"{jax.default_backend()} device(s) = {devices}"),
+        ("batch", f"{b.train} global, {b.local_train} per process, {b.train // devices} per "
+                  f"device; eval {b.eval}{eval_note}"),
+        ("steps", f"{self.steps_per_epoch} per epoch, {self.total_steps} in total"),
+        ("schedule", schedule),
+        ("workdir", f"{self.workdir}" + (" (resumed)" if resumed else "")),
+    ]
+
 
 def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   """Validates the config against itself, the devices and the dataset; builds the model."""
   validation.validate(config)
   batches = validation.batches(config, jax.device_count(), jax.process_count())
+  # TensorFlow loads here, not when train.main imports this module: main loads it later,
+  # quietly, once its signal handlers are in place.
   from train import input_pipeline  # pylint: disable=g-import-not-at-top
   builder = input_pipeline.get_builder(config)
   info = input_pipeline.dataset_info(builder, config)
@@ -102,10 +131,15 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
     raise errors.ConfigError(f"Cannot build --config.model={config.model} for "
                              f"{config.dataset}: {e}") from e
   lr_fn = learning_rate_fn(config, steps_per_epoch, total_steps)
-  return Run(config=config, workdir=workdir, builder=builder, info=info, batches=batches,
+  eval_steps = input_pipeline.eval_batches_needed(info.num_eval, batches.local_eval)
+  return Run(config=config, workdir=workdir, info=info, batches=batches,
              steps_per_epoch=steps_per_epoch, total_steps=total_steps, model=model,
              lr_fn=lr_fn, tx=create_optimizer(config, lr_fn), mesh=make_mesh(),
-             pretrained=weights)
+             pretrained=weights,
+             train_batches=functools.partial(input_pipeline.train_iterator, builder, config,
+                                             batches.local_train, steps_per_epoch),
+             eval_batches=functools.partial(input_pipeline.eval_iterator, builder, config,
+                                            info.channels, batches.local_eval, eval_steps))
 
 
 def restore_or_initialize(run: Run, ckpt: checkpointing.Checkpointer
@@ -133,12 +167,9 @@ def evaluate(run: Run, state: TrainState,
              eval_step: Callable[[TrainState, dict[str, jax.Array]], dict[str, jax.Array]]
              ) -> dict[str, float]:
   """Loss, top-1 and top-5 accuracy over the whole eval split (padding masked out)."""
-  from train import input_pipeline  # pylint: disable=g-import-not-at-top
-  num_batches = input_pipeline.eval_batches_needed(run.info.num_eval, run.batches.local_eval)
-  batches = input_pipeline.eval_iterator(run.builder, run.config, run.info.channels,
-                                         run.batches.local_eval, num_batches)
   sums = functools.reduce(lambda a, b: jax.tree_util.tree_map(jnp.add, a, b),
-                          (eval_step(state, global_batch(run.mesh, b)) for b in batches))
+                          (eval_step(state, global_batch(run.mesh, b))
+                           for b in run.eval_batches()))
   sums = {k: float(_host(v)) for k, v in sums.items()}
   return {"loss": sums["loss"] / sums["count"], "accuracy": sums["top1"] / sums["count"],
           "top5_accuracy": sums["top5"] / sums["count"], "examples": sums["count"]}
@@ -188,7 +219,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   Stops early (returning no metrics) at the step where a SIGTERM or Ctrl-C was agreed, once
   that step is checkpointed.
   """
-  from train import input_pipeline  # pylint: disable=g-import-not-at-top
   run = prepare(config, workdir_lib.resolve(workdir))
   compilation.enable_cache(config.get("compilation_cache_dir", ""))
   with contextlib.ExitStack() as stack:
@@ -207,7 +237,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     state, meta = restore_or_initialize(run, ckpt)
     start = int(_host(state.step))
     reporter.message("densenet-jax\n" + reporting.summary_block(
-        reporting.run_summary(run, models.count_params(state.params), resumed=bool(meta))))
+        run.summary(models.count_params(state.params), resumed=bool(meta))))
     image = (config.image_size, config.image_size, run.info.channels)
     eval_step = compilation.compile_step(
         "eval", make_eval_step(run.model, run.mesh), state,
@@ -225,8 +255,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
     if meta:
       reporter.message(f"Resumed from step {start} of {run.total_steps}.")
 
-    batches = input_pipeline.train_iterator(run.builder, config, run.batches.local_train,
-                                            run.steps_per_epoch, start)
+    batches = run.train_batches(start)
     # The first batch starts tf.data's threads, which fill its buffers while the step compiles.
     batches = itertools.chain([next(batches)], batches)
     train_step = compilation.compile_step(
