@@ -10,10 +10,11 @@ torchvision's ImageNet evaluation transform (densenet_jax.imagenet: resize the s
 mean and std), which is also what keras.applications.densenet.preprocess_input ('torch' mode)
 does. Label names ship with the package (densenet_jax/imagenet_labels.txt).
 
-Images larger than --max-pixels are refused from their header, before decoding. Only the
-region the centre crop keeps is resized, so a very long thin image costs no more than a
-square one. 16-bit and float greyscale images are scaled to 8 bits (not clipped, as Pillow's
-convert("RGB") does); alpha is dropped, as torchvision's and Keras' loaders do.
+Every image is read before the weights are loaded (a download, the first time), so a bad
+image fails at once. Images larger than --max-pixels are refused from their header, before
+decoding. Only the region the centre crop keeps is resized, so a very long thin image costs no
+more than a square one. 16-bit and float greyscale images are scaled to 8 bits (not clipped, as
+Pillow's convert("RGB") does); alpha is dropped, as torchvision's and Keras' loaders do.
 """
 
 from __future__ import annotations
@@ -75,6 +76,12 @@ def preprocess(image: Any, resize: int = imagenet.RESIZE, crop: int = imagenet.C
                mean: Sequence[float] = imagenet.MEAN,
                std: Sequence[float] = imagenet.STD) -> np.ndarray:
   """A PIL image -> (crop, crop, 3) float32, as torchvision's Resize+CenterCrop+Normalize."""
+  return normalize(resize_and_crop(image, resize, crop), mean, std)
+
+
+def resize_and_crop(image: Any, resize: int = imagenet.RESIZE,
+                    crop: int = imagenet.CROP) -> np.ndarray:
+  """A PIL image -> (crop, crop, 3) uint8 RGB, as torchvision's Resize+CenterCrop."""
   _pil()  # Pillow is there, or one line naming the extra
   if resize < 1 or crop < 1:
     raise ValueError(f"resize and crop must be at least 1 pixel, not {resize} and {crop}")
@@ -88,8 +95,13 @@ def preprocess(image: Any, resize: int = imagenet.RESIZE, crop: int = imagenet.C
   # Resize only what the centre crop keeps: Pillow's bilinear resize evaluated at the kept
   # output pixels alone, bit for bit (see _resize_crop), so a 1x10000 image no longer becomes
   # a 256x2560000 intermediate.
-  region = _resize_crop(np.asarray(image), size, crop)
-  x = region.astype(np.float32) / 255.0
+  return _resize_crop(np.asarray(image), size, crop)
+
+
+def normalize(pixels: np.ndarray, mean: Sequence[float] = imagenet.MEAN,
+              std: Sequence[float] = imagenet.STD) -> np.ndarray:
+  """uint8 RGB pixels -> float32 scaled to [0, 1], minus `mean`, divided by `std`."""
+  x = pixels.astype(np.float32) / 255.0
   return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
 
 
@@ -171,7 +183,8 @@ def top_k(probs: np.ndarray, labels: Sequence[str] | None, k: int) -> list[tuple
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Loads the weights, classifies every image in one batch, prints the top-k of each.
+  """Reads every image, loads the weights, classifies the images in one batch, prints the
+  top-k of each.
 
   Exit status: 0 done, 2 a bad argument or input file, 1 a failure of the environment (a
   download, a missing package).
@@ -196,6 +209,20 @@ def main(argv: list[str] | None = None) -> int:
   resize = args.resize if args.resize is not None else imagenet.resize_for_crop(args.crop)
   try:
     _pil()
+  except ImportError as e:
+    print(f"predict: error: {e}", file=sys.stderr)
+    return 1
+  crops = []  # read before the weights, which may be a download
+  for path in args.images:
+    try:
+      with open_image(path, args.max_pixels) as image:
+        crops.append(resize_and_crop(image, resize, args.crop))
+    # Pillow's decoders signal broken files with any of these (UnidentifiedImageError is an
+    # OSError; some plugins raise SyntaxError or EOFError).
+    except (OSError, ValueError, SyntaxError, EOFError) as e:
+      print(f"predict: error: cannot read image {path}: {e}", file=sys.stderr)
+      return 2
+  try:
     model, variables, metadata = pretrained.load_with_metadata(args.weights)
   except (ImportError, pretrained.WeightsError) as e:
     print(f"predict: error: {e}", file=sys.stderr)
@@ -207,17 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"predict: error: {args.weights} has no classifier (a headless backbone).",
           file=sys.stderr)
     return 2
-  batch = []
-  for path in args.images:
-    try:
-      with open_image(path, args.max_pixels) as image:
-        batch.append(preprocess(image, resize, args.crop, metadata["mean"], metadata["std"]))
-    # Pillow's decoders signal broken files with any of these (UnidentifiedImageError is an
-    # OSError; some plugins raise SyntaxError or EOFError).
-    except (OSError, ValueError, SyntaxError, EOFError) as e:
-      print(f"predict: error: cannot read image {path}: {e}", file=sys.stderr)
-      return 2
-  probs = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x)))(variables, np.stack(batch))
+  batch = np.stack([normalize(c, metadata["mean"], metadata["std"]) for c in crops])
+  probs = jax.jit(lambda v, x: jax.nn.softmax(model.apply(v, x)))(variables, batch)
   labels = imagenet.labels() if model.num_classes == 1000 else None
   for path, p in zip(args.images, np.asarray(probs)):
     print(path)

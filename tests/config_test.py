@@ -1,12 +1,19 @@
-"""Shipped configs are valid, validation names every bad field, batches fit any device count."""
+"""Shipped configs are valid, validation names every bad field, counts fit an int32, batches
+fit any device count; each field is declared once (configs/default.py FIELDS) and read from
+there by validation, --print_config and --help."""
 
 import importlib
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
+from configs import default
 from train import cli, errors, validation
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
 
 CONFIGS = sorted(p.stem for p in (pathlib.Path(__file__).parent.parent / "configs").glob("*.py")
                  if p.stem != "__init__")
@@ -103,3 +110,54 @@ def test_print_config_explains_every_field():
   assert len(lines) == len(config.keys())
   assert all("  # " in line for line in lines), [l for l in lines if "  # " not in l]
   assert any(l.startswith("batch_size = 64") and "global batch" in l for l in lines)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("num_epochs", 10**12), ("num_train_steps", 2**31), ("batch_size", 2**31),
+    ("eval_batch_size", 2**40), ("checkpoint_every_steps", 2**31), ("log_every_steps", 2**31),
+    ("eval_every_epochs", 2**31), ("keep_checkpoints", 2**31), ("shuffle_buffer", 2**31),
+    ("image_size", 2**31), ("input_threads", 2**31), ("warmup_epochs", 1e12),
+    ("seed", 2**64)])
+def test_every_count_fits_the_int32_it_ends_up_in(field, value):
+  config = load("default")
+  config[field] = value
+  found = validation.problems(config)
+  assert len(found) == 1 and found[0].startswith(f"--config.{field}=")
+
+
+def test_a_run_longer_than_an_int32_counts_is_refused_with_the_epochs_that_fit():
+  config = load("digits_bc")  # 1437 training digits, batch 64: 22 steps per epoch
+  config.num_epochs = default.LARGEST_COUNT
+  with pytest.raises(errors.ConfigError, match=r"--config.num_epochs=2147483647 is "
+                                               r"47,244,640,234 steps of 22 .* at most "
+                                               r"97,612,893 epochs"):
+    validation.run_length(config, 1437)
+  config.num_epochs, config.warmup_epochs = 10, 2e8
+  with pytest.raises(errors.ConfigError, match=r"--config.warmup_epochs=200000000.0 is"):
+    validation.run_length(config, 1437)
+  config.warmup_epochs = 0.0
+  assert validation.run_length(config, 1437) == (22, 220)
+
+
+def test_each_field_is_declared_once_and_every_reader_uses_it():
+  config = load("default")
+  assert sorted(config.keys()) == sorted(default.FIELDS)  # get_config is built from the table
+  text = cli.describe_config(config)
+  fields = default.describe_fields()
+  for name, field in default.FIELDS.items():
+    assert field.meaning in default.HELP[name] and field.allowed.text in default.HELP[name]
+    assert any(l.startswith(f"{name} = ") and default.HELP[name] in l for l in text.splitlines())
+    assert f"  {name} " in fields and default.HELP[name] in fields
+  # The drift this replaced: init_from's meaning differed between its two descriptions.
+  assert "densenet121" in default.HELP["init_from"] and ".npz" in default.HELP["init_from"]
+  config.keep_checkpoints = 0
+  assert validation.problems(config) == [
+      f"--config.keep_checkpoints=0: must be {default.FIELDS['keep_checkpoints'].allowed.text}"]
+
+
+@pytest.mark.slow
+def test_help_lists_every_field_with_its_allowed_values():
+  result = subprocess.run([sys.executable, "-m", "train.main", "--help"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert default.describe_fields() in result.stdout

@@ -1,6 +1,7 @@
 """Hostile weight files and images: small files that would expand to gigabytes are refused from
 their headers, before anything is allocated; odd image sizes and modes are handled without
-huge intermediates; a missing optional package names the extra that installs it."""
+huge intermediates, and are read before any weights are downloaded; a missing optional package
+names the extra that installs it."""
 
 import json
 import math
@@ -216,6 +217,36 @@ def test_an_image_over_the_pixel_limit_is_one_line_before_decoding(checkpoint_fi
   assert err.startswith(f"predict: error: cannot read image {big}: ") and err.count("\n") == 1
 
 
+def real_png(path: pathlib.Path) -> pathlib.Path:
+  """A small RGB PNG that decodes."""
+  from PIL import Image
+
+  Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(path)
+  return path
+
+
+@pytest.mark.parametrize("content", [b"", b"\x89PNG\r\n\x1a\n truncated"])
+def test_a_bad_image_is_refused_before_the_weights_are_loaded(tmp_path, monkeypatch, capsys,
+                                                              content):
+  loads = []
+  monkeypatch.setattr(pretrained, "load_with_metadata", lambda *a, **k: loads.append(a))
+  bad = tmp_path / "bad.png"
+  bad.write_bytes(content)
+  # A registered name: offline, loading it would first report the failed download.
+  assert predict.main(["--weights", "densenet121", str(real_png(tmp_path / "ok.png")),
+                       str(bad)]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith(f"predict: error: cannot read image {bad}: ") and err.count("\n") == 1
+  assert not loads
+
+
+def test_a_weights_path_that_is_a_directory_says_so(tmp_path, capsys):
+  image = real_png(tmp_path / "ok.png")
+  assert predict.main(["--weights", str(tmp_path), str(image)]) == 2
+  assert capsys.readouterr().err == (
+      f"predict: error: {tmp_path} is a directory, not a weight file: name the file in it.\n")
+
+
 @pytest.mark.parametrize("flag", ["--crop", "--resize", "--top-k", "--max-pixels"])
 def test_non_positive_sizes_are_one_line_usage_errors(checkpoint_file, tmp_path, capsys, flag):
   assert predict.main(["--weights", str(checkpoint_file), "x.png", flag, "0"]) == 2
@@ -322,7 +353,7 @@ def test_without_safetensors_predict_and_convert_name_the_extra(tmp_path, monkey
   for module in ("safetensors", "safetensors.numpy"):
     monkeypatch.setitem(sys.modules, module, None)  # as if it were not installed
   monkeypatch.setenv("DENSENET_JAX_CACHE", str(tmp_path / "cache"))
-  image = png_header_only(tmp_path / "x.png", 4, 4)
+  image = real_png(tmp_path / "x.png")
   assert predict.main(["--weights", "densenet121", str(image)]) == 1
   err = capsys.readouterr().err
   assert err == (f"predict: error: Loading 'densenet121' (densenet121.tv_in1k.safetensors) needs "

@@ -1,17 +1,24 @@
 """Ctrl-C: the first checkpoints the step reached and exits 130 with one line; a second stops at
-once without invalidating the newest committed checkpoint; neither prints a traceback."""
+once without invalidating the newest committed checkpoint; neither prints a traceback. SIGHUP
+(a closed terminal) and SIGQUIT (after a dump of every thread's stack) checkpoint as SIGTERM does."""
 
+import fcntl
 import json
 import os
 import pathlib
+import pty
 import signal
 import subprocess
+import termios
+import threading
 import time
 
 import jax
 import numpy as np
 import pytest
 
+import multihost_test
+from multihost_launch import launch, trainer, wait_all
 from train import preemption
 from train_test import REPO, checkpoint_steps, digits_command, saved_params
 
@@ -39,7 +46,7 @@ def train_steps(workdir):
 def wait_until(predicate, proc, timeout=300):
   deadline = time.time() + timeout
   while not predicate():
-    assert proc.poll() is None, proc.communicate()[1][-3000:]
+    assert proc.poll() is None, (proc.communicate()[1] or "")[-3000:]
     assert time.time() < deadline, "timed out"
     time.sleep(0.02)
 
@@ -121,3 +128,136 @@ def test_ctrl_c_is_a_preemption_notice_once_training():
   finally:
     notice.close()
   assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def newest_train_step(workdir):
+  return max(train_steps(workdir))
+
+
+def assert_checkpointed_and_resumes(workdir, data_dir, reached):
+  """The step reached is the only, complete checkpoint, and the same command resumes from it."""
+  assert checkpoint_steps(workdir) == [reached]
+  assert not [p for p in (workdir / "checkpoints").iterdir() if "tmp" in p.name]
+  assert finite(saved_params(workdir, reached))
+  rerun = subprocess.run(command(workdir, data_dir, f"--config.num_train_steps={reached + 2}"),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert rerun.returncode == 0, rerun.stderr[-3000:]
+  assert f"Resumed from step {reached} of {reached + 2}" in rerun.stdout
+  assert train_steps(workdir)[-2:] == [reached + 1, reached + 2]
+
+
+def _controlling_terminal():
+  os.setsid()
+  fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+
+@pytest.mark.slow
+def test_closing_the_terminal_checkpoints_the_step_reached_and_the_rerun_resumes(tmp_path):
+  workdir, data_dir = tmp_path / "run", tmp_path / "tfds"
+  master, terminal = pty.openpty()
+  proc = subprocess.Popen(command(workdir, data_dir, "--config.checkpoint_every_steps=1000"),
+                          cwd=REPO, stdin=terminal, stdout=terminal, stderr=terminal,
+                          preexec_fn=_controlling_terminal)
+  os.close(terminal)
+  shown = []  # what the terminal showed (read, or the run blocks on a full terminal)
+  reader = threading.Thread(target=_drain, args=(master, shown), daemon=True)
+  reader.start()
+  wait_until(lambda: len(train_steps(workdir)) >= 5, proc)
+  os.close(master)  # the terminal (or SSH session) closes: the kernel sends SIGHUP
+  assert proc.wait(timeout=120) == 0, b"".join(shown)[-3000:]
+  assert_checkpointed_and_resumes(workdir, data_dir, newest_train_step(workdir))
+
+
+def _drain(fd, into):
+  while True:
+    try:
+      data = os.read(fd, 4096)
+    except OSError:
+      return
+    if not data:
+      return
+    into.append(data)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGQUIT"])
+def test_sighup_and_sigquit_checkpoint_the_step_reached_in_one_line(tmp_path, name):
+  signum = getattr(signal, name)
+  workdir = tmp_path / "run"
+  proc = start(command(workdir, tmp_path / "tfds", "--config.checkpoint_every_steps=1000"))
+  wait_until(lambda: len(train_steps(workdir)) >= 5, proc)
+  proc.send_signal(signum)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 0, err[-3000:]
+  reached = newest_train_step(workdir)
+  assert f"Checkpointed step {reached} after {name}" in out
+  assert "Traceback (most recent call last)" not in err
+  if signum == signal.SIGQUIT:  # every thread's stack, the main thread's included
+    assert "most recent call first" in err and "Current thread" in err, err[-3000:]
+  assert checkpoint_steps(workdir) == [reached]
+
+
+@pytest.mark.parametrize("name", ["SIGHUP", "SIGQUIT"])
+def test_sighup_and_sigquit_during_start_up_exit_128_plus_the_signal(tmp_path, name):
+  signum = getattr(signal, name)
+  proc = start(command(tmp_path / "run", tmp_path / "tfds"))
+  assert proc.stdout.readline().startswith("Writing scikit-learn's")  # start-up, not training
+  proc.send_signal(signum)
+  _, err = proc.communicate(timeout=120)
+  assert proc.returncode == 128 + signum, err[-3000:]
+  assert err.strip().splitlines()[-1] == (
+      f"error: {name} during start-up, before the first step: nothing was saved. Rerun the "
+      f"same command to start again.")
+  assert "Traceback (most recent call last)" not in err
+
+
+def test_a_sighup_ignored_by_nohup_stays_ignored():
+  previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+  try:
+    notice = preemption.Preemption()
+    try:
+      assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+      os.kill(os.getpid(), signal.SIGHUP)
+      time.sleep(0.1)
+      assert not notice.requested
+    finally:
+      notice.close()
+  finally:
+    signal.signal(signal.SIGHUP, previous)
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_the_final_evaluation_exits_130_after_it(tmp_path):
+  workdir = tmp_path / "run"
+  # A long final evaluation (every digit, 4 per batch) after 3 steps.
+  proc = start(command(workdir, tmp_path / "tfds", "--config.num_train_steps=3",
+                       "--config.eval_split=train+test", "--config.eval_batch_size=4"))
+  final_save = lambda: (workdir / "checkpoints").exists() and any(
+      p.name.startswith("3") for p in (workdir / "checkpoints").iterdir())
+  wait_until(final_save, proc)  # after the last step's stop check: the final save has begun
+  os.killpg(proc.pid, signal.SIGINT)
+  out, err = proc.communicate(timeout=120)
+  assert proc.returncode == 130, err[-3000:]
+  assert "Final test accuracy" in out
+  assert err.strip() == ("Ctrl-C after the last step: the run is complete, its final "
+                         "checkpoint (step 3) and evaluation were written.")
+  assert checkpoint_steps(workdir) == [3]
+  assert [l for l in (workdir / "metrics.jsonl").read_text().splitlines() if '"eval"' in l]
+
+
+@pytest.mark.slow
+def test_sighup_to_one_process_stops_both_at_one_step(tmp_path):
+  workdir = tmp_path / "run"
+  common = multihost_test.flags(tmp_path, workdir, "--config.train_split=train[:640]",
+                                "--config.num_train_steps=400",
+                                "--config.checkpoint_every_steps=1000")
+  procs = launch(trainer(common), 2, 2, tmp_path, "first")
+  multihost_test.wait_for_train_lines(workdir / "metrics.jsonl", 5)
+  procs[1].send_signal(signal.SIGHUP)  # passed on to JAX's preemption service
+  assert wait_all(procs, 200) == [0, 0], (tmp_path / "first1.log").read_text()[-3000:]
+  logs = [(tmp_path / f"first{i}.log").read_text() for i in range(2)]
+  saved = checkpoint_steps(workdir)
+  assert len(saved) == 1 and 5 <= saved[0] < 400
+  assert f"Checkpointed step {saved[0]} after" in logs[0]
+  assert all(f"checkpointed step {saved[0]}" in log for log in logs)  # the same step on both
+  assert "Traceback" not in logs[1]

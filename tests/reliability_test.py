@@ -187,7 +187,8 @@ def _cli(workdir, data_dir, *extra):
     "--config.augment=bogus", "--config.num_epochs=0", "--config.num_epochs=-1",
     "--config.learning_rate=-0.1", "--config.learning_rate=nan", "--config.keep_checkpoints=0",
     "--config.log_every_steps=0", "--config.checkpoint_every_steps=0",
-    "--config.eval_every_epochs=0", "--config.model=densenet_bogus"])
+    "--config.eval_every_epochs=0", "--config.model=densenet_bogus",
+    "--config.num_epochs=1000000000000"])
 def test_cli_rejects_bad_values_in_one_line_before_writing(tmp_path, flag):
   workdir = tmp_path / "run"
   start = time.time()
@@ -199,6 +200,29 @@ def test_cli_rejects_bad_values_in_one_line_before_writing(tmp_path, flag):
   assert "Traceback" not in result.stderr
   assert not workdir.exists()  # validated before anything was written
   assert time.time() - start < 60  # no compile
+
+
+@pytest.mark.slow
+def test_cli_run_longer_than_an_int32_counts_is_one_line_before_writing(tmp_path):
+  workdir = tmp_path / "run"
+  result = subprocess.run(_cli(workdir, tmp_path / "tfds", "--config.num_epochs=2147483647"),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert re.fullmatch(r"error: --config.num_epochs=2147483647 is [\d,]+ steps of 22 \(.*\), "
+                      r"more than the 2,147,483,647 a run can count: use at most 97,612,893 "
+                      r"epochs.\n", result.stderr), result.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.slow
+def test_cli_eval_only_without_checkpoints_is_one_line(tmp_path):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  result = subprocess.run(_cli(workdir, tmp_path / "tfds", "--config.eval_only=True"),
+                          cwd=REPO, capture_output=True, text=True, timeout=120)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr == (f"error: eval_only: no checkpoint in {workdir / 'checkpoints'}. "
+                           f"Train first, or point --workdir at a finished run.\n")
 
 
 def test_cli_sigterm_during_start_up_says_so(tmp_path):

@@ -15,12 +15,13 @@ array (shape, dtype, blake2b digest of its bytes). On restore:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import shutil
 import time
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -107,13 +108,17 @@ class Checkpointer:
             f"name. Move the file away (or choose another --workdir) and rerun.")
     self.every_steps = every_steps
     self.read_only = read_only
-    self.manager = ocp.CheckpointManager(
-        self.directory,
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=keep, create=not read_only, read_only=read_only,
-            cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
-            enable_async_checkpointing=asynchronous),
-    )
+    # Read-only: no interval and no deletions (orbax warns about each option it overrides), and
+    # its notice that the directory is read-only is what was asked for.
+    with _absl_warnings_without("Given directory is read only"):
+      self.manager = ocp.CheckpointManager(
+          self.directory,
+          options=ocp.CheckpointManagerOptions(
+              max_to_keep=None if read_only else keep, create=not read_only,
+              save_interval_steps=0 if read_only else 1, read_only=read_only,
+              cleanup_tmp_directories=not read_only,  # half-written saves of a killed run
+              enable_async_checkpointing=asynchronous),
+      )
 
   def due(self, step: int) -> bool:
     """Whether the save interval asks for a checkpoint at `step`."""
@@ -196,6 +201,18 @@ class Checkpointer:
   def close(self) -> None:
     """Finishes pending saves and releases the manager."""
     self.manager.close()
+
+
+@contextlib.contextmanager
+def _absl_warnings_without(prefix: str) -> Iterator[None]:
+  """Drops absl log lines that start with `prefix` while the block runs."""
+  keep = lambda record: not str(record.msg).startswith(prefix)
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def newest_text(step: int | None) -> str:

@@ -36,6 +36,7 @@ from ml_collections import config_flags
 
 import jax
 
+from configs import default
 from densenet_jax import pretrained
 from train import checkpointing, cli, distributed, errors, preemption, train, workdir
 
@@ -165,4 +166,5 @@ def _exit_now(code: int) -> None:
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=lambda argv: cli.parse_flags(argv, __doc__))
+  app.run(main, flags_parser=lambda argv: cli.parse_flags(
+      argv, f"{__doc__}\n{default.describe_fields()}"))

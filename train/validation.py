@@ -3,88 +3,42 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import TYPE_CHECKING, Any
 
+from configs import default
 from densenet_jax import models
 from train import errors
 
 if TYPE_CHECKING:
   import ml_collections
 
-AUGMENTATIONS = ("none", "cifar", "imagenet")
-SCHEDULES = ("piecewise", "cosine")
-
-
-def _number(value: Any) -> bool:
-  return isinstance(value, (int, float)) and not isinstance(value, bool)
-
 
 def problems(config: ml_collections.ConfigDict) -> list[str]:
-  """Every invalid field of the config, each as 'field=value: what is allowed'."""
-  found: list[str] = []
-
-  def need(ok: bool, field: str, allowed: str) -> None:
-    if not ok:
-      found.append(f"--config.{field}={config[field]!r}: {allowed}")
-
-  def positive_int(field: str) -> None:
-    value = config[field]
-    need(isinstance(value, int) and not isinstance(value, bool) and value > 0, field,
-         "must be a positive integer")
-
-  def finite(field: str, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    value = config[field]
-    ok = _number(value) and math.isfinite(value) and (
-        value > low if low_open else value >= low) and value < high
-    bounds = f"{'(' if low_open else '['}{low}, {high})"
-    need(ok, field, f"must be a finite number in {bounds}")
-
-  need(config.model in models.list_models(), "model",
-       f"must be one of {', '.join(models.list_models())}")
-  if config.model in models.list_models():
+  """Every invalid field of the config, each as 'field=value: what is allowed' (the values
+  configs/default.py FIELDS allows, and the checks that span fields)."""
+  bad = [name for name, field in default.FIELDS.items()
+         if name in config and not _passes(field.allowed, config[name])]
+  found = [_problem(config, name) for name in bad]
+  if not {"model", "model_overrides"} & set(bad):
     try:
       models.get_model(config.model, **dict(config.model_overrides))
     except (TypeError, ValueError) as e:
       found.append(f"--config.model_overrides={dict(config.model_overrides)!r}: {e}")
-  for field in ("memory_efficient", "sync_batchnorm", "half_precision", "download", "nesterov",
-                "async_checkpoints", "eval_only"):
-    need(isinstance(config[field], bool), field, "must be True or False")
-  need(bool(config.dataset), "dataset", "must name a tensorflow_datasets dataset")
-  need(config.augment in AUGMENTATIONS, "augment", f"must be one of {AUGMENTATIONS}")
-  need(config.lr_schedule in SCHEDULES, "lr_schedule", f"must be one of {SCHEDULES}")
-  positive_int("image_size")
-  need(len(config.mean) == len(config.std) and len(config.mean) >= 1
-       and all(_number(m) and math.isfinite(m) for m in config.mean), "mean",
-       "must be finite numbers, as many as std (one per channel, or one for all)")
-  need(all(_number(s) and math.isfinite(s) and s > 0 for s in config.std), "std",
-       "must be positive finite numbers")
-  positive_int("shuffle_buffer")
-  need(isinstance(config.input_threads, int) and config.input_threads >= 0, "input_threads",
-       "must be 0 (automatic) or a positive integer")
-  for field in ("batch_size", "eval_batch_size", "log_every_steps", "eval_every_epochs",
-                "checkpoint_every_steps", "keep_checkpoints"):
-    positive_int(field)
-  steps = config.num_train_steps
-  need(isinstance(steps, int) and (steps == -1 or steps > 0), "num_train_steps",
-       "must be -1 (train for num_epochs) or a positive integer")
-  if steps == -1:
-    positive_int("num_epochs")
-  finite("learning_rate", 0.0)
-  finite("momentum", 0.0, 1.0)
-  finite("weight_decay", 0.0)
-  finite("lr_decay", 0.0, low_open=True)
-  finite("warmup_epochs", 0.0)
-  finite("label_smoothing", 0.0, 1.0)
-  boundaries = tuple(config.lr_boundaries)
-  need(all(_number(b) and 0 < b < 1 for b in boundaries)
-       and list(boundaries) == sorted(boundaries), "lr_boundaries",
-       "must be increasing fractions of training in (0, 1), e.g. (0.5, 0.75)")
-  need(isinstance(config.seed, int) and not isinstance(config.seed, bool), "seed",
-       "must be an integer")
-  need(isinstance(config.get("compilation_cache_dir", ""), str), "compilation_cache_dir",
-       "must be a directory path, or '' to turn the cache off")
+  if not {"mean", "std"} & set(bad) and len(config.mean) != len(config.std):
+    found.append(_problem(config, "mean"))
   return found
+
+
+def _problem(config: ml_collections.ConfigDict, name: str) -> str:
+  return f"--config.{name}={config[name]!r}: must be {default.FIELDS[name].allowed.text}"
+
+
+def _passes(allowed: default.Allowed, value: Any) -> bool:
+  """Whether `value` is allowed; a value of the wrong shape (a number for a tuple) is not."""
+  try:
+    return bool(allowed.test(value))
+  except (TypeError, ValueError):
+    return False
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -123,7 +77,8 @@ def batches(config: ml_collections.ConfigDict, devices: int, processes: int) -> 
 
 
 def run_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
-  """(steps per epoch, total steps) over `num_train` examples, or a ConfigError if no step fits."""
+  """(steps per epoch, total steps) over `num_train` examples, or a ConfigError if no step fits
+  or the run (or its warmup) has more steps than an int32 counts."""
   steps_per_epoch = num_train // config.batch_size
   if steps_per_epoch == 0:
     raise errors.ConfigError(
@@ -131,4 +86,12 @@ def run_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, 
         f"examples of {config.dataset}:{config.train_split}.")
   total_steps = (config.num_train_steps if config.num_train_steps > 0
                  else config.num_epochs * steps_per_epoch)
+  epochs = default.LARGEST_COUNT // steps_per_epoch
+  for field, steps in (("num_epochs", total_steps), ("warmup_epochs",
+                                                     config.warmup_epochs * steps_per_epoch)):
+    if steps > default.LARGEST_COUNT:
+      raise errors.ConfigError(
+          f"--config.{field}={config[field]} is {steps:,.0f} steps of {steps_per_epoch} "
+          f"(the examples of {config.dataset}:{config.train_split} / batch_size), more than the "
+          f"{default.LARGEST_COUNT:,} a run can count: use at most {epochs:,} epochs.")
   return steps_per_epoch, total_steps

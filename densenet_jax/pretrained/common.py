@@ -241,8 +241,10 @@ def require(module: str, purpose: str, package: str | None = None) -> Any:
 
 
 def existing(path: PathLike) -> pathlib.Path:
-  """The path, or a FileNotFoundError that names it."""
+  """The path, or a FileNotFoundError (IsADirectoryError for a directory) that names it."""
   path = pathlib.Path(path)
+  if path.is_dir():
+    raise IsADirectoryError(f"{path} is a directory, not a weight file: name the file in it.")
   if not path.is_file():
     raise FileNotFoundError(f"No such weight file: {path}")
   return path
