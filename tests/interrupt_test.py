@@ -3,12 +3,14 @@ once without invalidating the newest committed checkpoint; neither prints a trac
 (a closed terminal) and SIGQUIT (after a dump of every thread's stack) checkpoint as SIGTERM does."""
 
 import fcntl
+import io
 import json
 import os
 import pathlib
 import pty
 import signal
 import subprocess
+import sys
 import termios
 import threading
 import time
@@ -209,6 +211,21 @@ def test_sighup_and_sigquit_during_start_up_exit_128_plus_the_signal(tmp_path, n
       f"error: {name} during start-up, before the first step: nothing was saved. Rerun the "
       f"same command to start again.")
   assert "Traceback (most recent call last)" not in err
+
+
+def test_sigquit_dumps_every_thread_then_asks_for_a_checkpoint(capfd, monkeypatch):
+  # sys.stderr without a file descriptor (as under pytest's capsys): the dump goes to fd 2.
+  monkeypatch.setattr(sys, "stderr", io.StringIO())
+  notice = preemption.Preemption()
+  try:
+    notice.start_training()
+    os.kill(os.getpid(), signal.SIGQUIT)
+    time.sleep(0.1)
+    assert notice.reached(3) and notice.notice == signal.SIGQUIT
+  finally:
+    notice.close()
+  assert "Current thread" in capfd.readouterr().err
+  assert signal.getsignal(signal.SIGQUIT) is signal.SIG_DFL
 
 
 def test_a_sighup_ignored_by_nohup_stays_ignored():

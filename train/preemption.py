@@ -7,7 +7,6 @@ import faulthandler
 import os
 import signal
 import socket
-import sys
 import threading
 from typing import Callable
 
@@ -108,7 +107,7 @@ class Preemption:
       self._previous[signum] = signal.signal(signum, self._handle)
     if signal.SIGQUIT in self._previous:
       # Dumped from C at once, then chained to the Python handler above.
-      faulthandler.register(signal.SIGQUIT, file=sys.stderr, all_threads=True, chain=True)
+      faulthandler.register(signal.SIGQUIT, file=2, all_threads=True, chain=True)
     self._previous[signal.SIGINT] = signal.signal(signal.SIGINT, self._handle_int)
     self._watch_wakeup_fd()
 
