@@ -7,11 +7,12 @@
 
 A name is looked up in `hub.REGISTRY` (published files with pinned hashes; see hub for the
 cache and the DENSENET_JAX_CACHE / DENSENET_JAX_MIRROR variables); anything else is a path.
-Each reader renames every tensor to the Flax variable path it belongs to (the Flax names
-already follow torchvision), transposes where layouts differ, and checks name by name and
-shape by shape against the model: a missing, unexpected or misshapen tensor raises a
-ValueError naming it. The model is rebuilt with the source framework's BatchNorm epsilon
-(torchvision 1e-5, Keras 1.001e-5).
+A file takes one path (`sources.variables`): its reader (`torchvision.py`, `keras.py`) reads
+it and renames every tensor to the Flax variable path it belongs to (the Flax names already
+follow torchvision), transposing where layouts differ; then each name and shape is checked
+against the model: a missing, unexpected or misshapen tensor raises a ValueError naming it.
+The model is rebuilt with the source framework's BatchNorm epsilon (torchvision 1e-5, Keras
+1.001e-5).
 
 Training after import differs from torch in one documented way: torch updates running_var
 with the unbiased batch variance (times n/(n-1), n = batch * height * width), Flax with the
@@ -24,15 +25,14 @@ from typing import Any
 
 from densenet_jax import models
 from densenet_jax.pretrained import checkpoint, common, hub
-from densenet_jax.pretrained.checkpoint import (BN_EPSILON, FORMAT, FORMAT_VERSION,
-                                                METADATA_KEY, SOURCES, convert, save)
+from densenet_jax.pretrained.checkpoint import FORMAT, FORMAT_VERSION, METADATA_KEY, convert, save
 from densenet_jax.pretrained.common import (check_and_unflatten, flat_variable_shapes,
                                             guess_model)
 from densenet_jax.pretrained.hub import REGISTRY, WeightsError
-from densenet_jax.pretrained.keras import (from_keras, keras_layer_names, keras_module_path,
-                                           keras_to_flat, read_keras)
-from densenet_jax.pretrained.torchvision import (from_torchvision, read_torchvision,
-                                                 torchvision_to_flat)
+from densenet_jax.pretrained.keras import (keras_layer_names, keras_module_path, keras_to_flat,
+                                           read_keras)
+from densenet_jax.pretrained.sources import BN_EPSILON, SOURCES, from_keras, from_torchvision
+from densenet_jax.pretrained.torchvision import read_torchvision, torchvision_to_flat
 
 
 def read_checkpoint(weights: common.PathLike) -> tuple[dict[str, Any], common.Flat]:

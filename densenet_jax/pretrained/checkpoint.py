@@ -13,10 +13,7 @@ import numpy as np
 from flax import traverse_util
 
 from densenet_jax import imagenet, models
-from densenet_jax.pretrained import common, keras, torchvision
-
-SOURCES = ("torchvision", "keras")
-BN_EPSILON = {"torchvision": torchvision.BN_EPSILON, "keras": keras.BN_EPSILON}
+from densenet_jax.pretrained import common, sources
 
 FORMAT = "densenet-jax-pretrained"
 FORMAT_VERSION = 1
@@ -106,27 +103,8 @@ def load(path: common.PathLike, **overrides: Any
 def convert(source: str, weights: common.PathLike, out: common.PathLike,
             model_name: str | None = None) -> dict[str, Any]:
   """Converts a torchvision or Keras weight file into a checkpoint at `out`; its metadata."""
-  if source not in SOURCES:
-    raise ValueError(f"Unknown source {source!r}: use one of {SOURCES}.")
   if model_name is None:  # infer it from the file's block layout
-    model_name = _guess_from_file(source, weights)
-  if source == "torchvision":
-    model, variables = torchvision.from_torchvision(weights, model_name)
-  else:
-    model, variables = keras.from_keras(weights, model_name)
+    model_name = sources.guess_from_file(source, weights)
+  model, variables = sources.variables(source, weights, model_name)
   return save(out, model_name, model, variables, source, pathlib.Path(weights).name)
 
-
-def _guess_from_file(source: str, weights: common.PathLike) -> str:
-  """The preset a weight file was saved from, or a ValueError asking for --model."""
-  if source == "torchvision":
-    flat, _ = torchvision.torchvision_to_flat(torchvision.read_torchvision(weights, shapes=True))
-  else:
-    flat = {"params/" + keras.keras_module_path(layer) + "/kernel": v["kernel"]
-            for layer, v in keras.read_keras(weights).items() if "kernel" in v}
-  guess = common.guess_model(flat)
-  if guess is None or guess not in models.list_models():
-    found = guess or "no dense layers found"
-    raise ValueError(f"Cannot tell which DenseNet {weights} holds ({found}); name it with "
-                     f"--model.")
-  return guess

@@ -124,17 +124,6 @@ def guess_model(flat: Mapping[str, Any]) -> str | None:
   return f"a DenseNet with block_config={config}, growth_rate={growth.shape[-1]}"
 
 
-def build(flat: Flat, origin: dict[str, str], model: str | models.DenseNet,
-          bn_epsilon: float, what: str) -> tuple[models.DenseNet, Variables]:
-  """Builds the model (classes from the file, the source's epsilon) and checks the weights.
-
-  A DenseNet instance keeps its layout but takes the source's BatchNorm epsilon: the weights
-  were trained with it, and any other value shifts every normalised activation.
-  """
-  model, name = fit_model(flat, model, bn_epsilon)
-  return model, check_and_unflatten(flat, model, what, name, origin)
-
-
 def fit_model(flat: Mapping[str, Any], model: str | models.DenseNet, bn_epsilon: float
               ) -> tuple[models.DenseNet, str]:
   """(the model to check the file against, its name in messages); classes from the file."""

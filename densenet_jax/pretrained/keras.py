@@ -7,7 +7,6 @@ gamma/beta -> params scale/bias, moving_mean/moving_variance -> batch_stats mean
 from __future__ import annotations
 
 import io
-import os
 import pathlib
 import re
 import zipfile
@@ -168,17 +167,6 @@ def keras_to_flat(weights: Mapping[str, Mapping[str, Any]],
       path = f"{collection}/{module}/{name}"
       flat[path], origin[path] = common.to_numpy(value), f"{layer}/{var}"
   return flat, origin
-
-
-def from_keras(weights: common.PathLike | Mapping[str, Mapping[str, Any]],
-               model: str | models.DenseNet) -> tuple[models.DenseNet, common.Variables]:
-  """(model, variables) from keras.applications DenseNet weights; checks every tensor."""
-  layers = read_keras(weights, model) if isinstance(weights, (str, os.PathLike)) else weights
-  # Only layer order matters before the model is known, so a preset name suffices here.
-  shape_model = models.get_model(model) if isinstance(model, str) else model
-  flat, origin = keras_to_flat(layers, shape_model)
-  what = f"Keras weights {common.describe(weights)}"
-  return common.build(flat, origin, model, BN_EPSILON, what)
 
 
 def _text(value: Any) -> str:

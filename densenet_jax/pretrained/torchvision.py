@@ -8,7 +8,6 @@ torchvision does; timm's republished .safetensors keep torchvision's module name
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 from typing import Any, Mapping
@@ -31,10 +30,10 @@ def read_torchvision(path: common.PathLike, model: str | models.DenseNet | None 
                      shapes: bool = False) -> dict[str, np.ndarray]:
   """Reads a torchvision state_dict from .pth/.pt (needs torch), .safetensors or .npz.
 
-  An .npz is checked from its .npy headers first, against `model` when given (names and
-  shapes) and against the largest preset's size otherwise, so a small compressed file cannot
-  expand to gigabytes. shapes=True: only names and shapes are wanted; an .npz then gives
-  zero-byte stand-ins without reading any array.
+  An .npz is checked from its .npy headers first against the size of `model` (the largest
+  preset's when not given), so a small compressed file cannot expand to gigabytes.
+  shapes=True: only names and shapes are wanted; an .npz then gives zero-byte stand-ins
+  without reading any array.
   """
   path = common.existing(path)
   suffix = path.suffix.lower()
@@ -42,21 +41,27 @@ def read_torchvision(path: common.PathLike, model: str | models.DenseNet | None 
     load_file = common.require("safetensors.numpy", f"Reading {path.name}").load_file
     return common.guarded(lambda: dict(load_file(str(path))), path, "a torchvision state_dict")
   if suffix == ".npz":
-    bound, model_name = common.bound_for(model)
-    headers = common.guarded(lambda: common.npz_headers(path, bound, model_name), path,
-                             "a torchvision state_dict")
-    standins = common.standins(headers, path)
+    standins = read_shapes(path, model)
     if shapes:
       return standins
-    if model is not None:
-      flat, origin = torchvision_to_flat(standins)
-      fitted, name = common.fit_model(flat, model, BN_EPSILON)
-      common.check_fits(flat, fitted, f"torchvision weights {path}", name, origin)
     return common.guarded(lambda: common.read_npz(path), path, "a torchvision state_dict")
   if suffix in TORCH_SUFFIXES:
     return _read_torch(path)
   raise ValueError(f"Unknown torchvision weight format {suffix!r} for {path}: use "
                    f"{'/'.join(TORCH_SUFFIXES)} (needs torch), .safetensors or .npz.")
+
+
+def read_shapes(path: common.PathLike, model: str | models.DenseNet | None = None
+                ) -> dict[str, np.ndarray] | None:
+  """Zero-byte stand-ins of an .npz state_dict's arrays, from its .npy headers alone (bounded
+  by the size of `model`); None for the other formats, which have no such pass."""
+  path = common.existing(path)
+  if path.suffix.lower() != ".npz":
+    return None
+  bound, model_name = common.bound_for(model)
+  headers = common.guarded(lambda: common.npz_headers(path, bound, model_name), path,
+                           "a torchvision state_dict")
+  return common.standins(headers, path)
 
 
 def _read_torch(path: pathlib.Path) -> dict[str, np.ndarray]:
@@ -107,15 +112,3 @@ def torchvision_to_flat(state_dict: Mapping[str, Any]) -> tuple[common.Flat, dic
     path = "/".join([collection, *modules, name])
     flat[path], origin[path] = value, source_key
   return flat, origin
-
-
-def from_torchvision(weights: common.PathLike | Mapping[str, Any],
-                     model: str | models.DenseNet) -> tuple[models.DenseNet, common.Variables]:
-  """(model, variables) from a torchvision state_dict or its file; checks every tensor."""
-  if isinstance(weights, (str, os.PathLike)):
-    state_dict = read_torchvision(weights, model)
-  else:
-    state_dict = weights
-  flat, origin = torchvision_to_flat(state_dict)
-  what = f"torchvision weights {common.describe(weights)}"
-  return common.build(flat, origin, model, BN_EPSILON, what)
