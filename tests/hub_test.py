@@ -364,14 +364,31 @@ def test_registry_pins_real_hashes_and_a_torch_free_source_per_model_where_publi
              for n in (121, 161, 169, 201))
 
 
-def test_readme_table_lists_every_registered_file_and_hash():
-  readme = (REPO / "README.md").read_text()
+def weights_table() -> list[str]:
+  """docs/pretrained.md's table, one row per published file, from hub.REGISTRY."""
+  names: dict[hub.Source, list[str]] = {}
   for name, source in hub.REGISTRY.items():
-    assert f"`{name}`" in readme, name
-    assert source.digest in readme and source.name in readme, name
-  for variable in (hub.CACHE_ENV, hub.MIRROR_ENV):
-    assert variable in readme
+    names.setdefault(source, []).append(name)
+  rows = ["| name | also named | published file | pinned hash | reader | licence |",
+          "|---|---|---|---|---|---|"]
+  for source, (name, *aliases) in names.items():
+    pinned = (f"{source.algorithm} `{source.digest}`" if source.full_digest else
+              f"{source.algorithm} prefix `{source.digest}`")
+    reader = ("torch" if source.needs_torch else
+              "safetensors" if source.name.endswith(".safetensors") else "h5py")
+    rows.append(f"| `{name}` | {', '.join(f'`{a}`' for a in aliases)} | "
+                f"[{source.name}]({source.url}) | {pinned} | {reader} | {source.license} |")
+  return rows
 
+
+def test_the_docs_weights_table_is_the_registry():
+  doc = (REPO / "docs" / "pretrained.md").read_text()
+  table = [line for line in doc.splitlines() if line.startswith("|")]
+  assert table[:len(weights_table())] == weights_table(), (
+      "docs/pretrained.md's weights table differs from hub.REGISTRY; its rows should be:\n"
+      + "\n".join(weights_table()))
+  for variable in (hub.CACHE_ENV, hub.MIRROR_ENV):
+    assert variable in doc
 
 
 # ------------------------------------------------------------------ hostile servers and caches
