@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict:
   config.memory_efficient = args.memory_efficient
   start = time.time()
   row = plan_lib.plan(config, args.topology, max_batch=False,
-                      model=build_model(config, args.variant), hlo_dir=args.dump_hlo)
+                      model=build_model(config, args.variant), hlo_dir=args.dump_hlo).asdict()
   row.update(bench="accelerator_plan", config=args.config, variant=args.variant,
              wall_s=time.time() - start)
   print(json.dumps(row), flush=True)

@@ -1,9 +1,11 @@
 """The pod planner: ahead-of-time TPU compiles of the trainer's own steps (needs libtpu only)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -51,34 +53,40 @@ def test_plan_equals_an_independent_compile_of_the_same_step():
            "label": jax.ShapeDtypeStruct((64,), jnp.int32, sharding=shard)}
   compiled = step_lib.make_train_step(model, tx, config, mesh).lower(state, batch).compile()
   memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
-  assert p["per_chip_batch"] == 16 and p["chips"] == 4 and p["fits"]
-  assert p["per_chip_temp_bytes"] == memory.temp_size_in_bytes
-  assert p["per_chip_argument_bytes"] == memory.argument_size_in_bytes
-  assert p["flops_per_step"] == cost["flops"]
-  assert p["bytes_accessed_per_step"] == cost["bytes accessed"]
-  # The roofline is the slower of compute at the bf16 peak and traffic at full bandwidth.
+  assert p.per_chip_batch == 16 and p.chips == 4 and p.fits
+  assert p.per_chip_temp_bytes == memory.temp_size_in_bytes
+  assert p.per_chip_argument_bytes == memory.argument_size_in_bytes
+  assert p.flops_per_step == cost["flops"]
+  assert p.bytes_accessed_per_step == cost["bytes accessed"]
+  assert p.mxu_flops_per_step == plan.matmul_flops(compiled.as_text(), 128).mxu_flops
+  # The roofline is the slowest of compute at the bf16 peak, the MXU-padded convolutions and
+  # dots at the same peak, and traffic at full bandwidth.
   chip = plan.CHIPS["v5e"]
-  assert p["roofline_step_seconds"] == pytest.approx(
-      max(cost["flops"] / chip.bf16_flops_per_s, cost["bytes accessed"] / chip.hbm_bytes_per_s))
-  assert p["roofline_images_per_s"] == pytest.approx(16 / p["roofline_step_seconds"])
-  assert p["steps_per_epoch"] == 1437 // 64 and p["total_steps"] == 10 * (1437 // 64)
+  bounds = (cost["flops"] / chip.bf16_flops_per_s, p.mxu_flops_per_step / chip.bf16_flops_per_s,
+            cost["bytes accessed"] / chip.hbm_bytes_per_s)
+  chex.assert_trees_all_close(
+      (p.compute_bound_seconds, p.mxu_bound_seconds, p.memory_bound_seconds), bounds)
+  assert p.roofline_step_seconds == pytest.approx(max(bounds))
+  assert p.bound == plan.BOUNDS[bounds.index(max(bounds))]
+  assert p.roofline_images_per_s == pytest.approx(16 / p.roofline_step_seconds)
+  assert p.steps_per_epoch == 1437 // 64 and p.total_steps == 10 * (1437 // 64)
+  assert p.max_batch_compiles is None  # max_batch=False: no search
 
 
-@pytest.mark.slow
 def test_oversized_batch_does_not_fit_and_the_largest_fitting_batch_is_bracketed():
   # 16x16 images hold ~4x the ~70 KB of an 8x8 one: 250k per chip is far past v5e's 16 GiB
   # (ImageNet's 1.28M examples make room for the batch).
   per_chip = 250_000
   big = dict(dataset="imagenet2012", eval_split="validation", image_size=16)
   p = plan.plan(tiny_config(batch_size=4 * per_chip, **big), "v5e:2x2", max_batch_compiles=4)
-  assert p["fits"] is False and "per_chip_peak_bytes" not in p
-  best, over = p["max_per_chip_batch"], p["max_batch_not_fitting"]
+  assert p.fits is False and p.per_chip_peak_bytes is None
+  best, over = p.max_per_chip_batch, p.max_batch_not_fitting
   assert 0 < best < per_chip and best % 8 == 0
   assert over is not None and best < over <= per_chip
-  assert len(p["max_batch_compiles"]) <= 4
+  assert len(p.max_batch_compiles) <= 4
   # The reported batch really fits: the planner at that batch says so.
   fitting = plan.plan(tiny_config(batch_size=4 * best, **big), "v5e:2x2", max_batch=False)
-  assert fitting["fits"] and fitting["per_chip_peak_bytes"] <= fitting["hbm_bytes"]
+  assert fitting.fits and fitting.per_chip_peak_bytes <= fitting.hbm_bytes
 
 
 def test_batch_that_does_not_divide_over_the_chips_is_the_trainers_error():
@@ -100,12 +108,17 @@ def test_command_line_prints_a_report_and_json_last(tmp_path):
       capture_output=True, text=True, timeout=600, check=True)
   *lines, last = out.stdout.strip().splitlines()
   result = json.loads(last)
+  assert set(result) == {f.name for f in dataclasses.fields(plan.Plan)}
   for field in ("per_chip_peak_bytes", "per_chip_temp_bytes", "per_chip_argument_bytes",
-                "hbm_bytes", "fits", "flops_per_step", "bytes_accessed_per_step",
+                "flops_per_step", "bytes_accessed_per_step", "mxu_flops_per_step",
                 "roofline_images_per_s", "compile_seconds"):
-    assert field in result, field
+    assert result[field] > 0, field
   assert result["chip"] == "TPU v6e (Trillium)" and result["hbm_bytes"] == 32 << 30
+  assert result["chip_mxu_width"] == 256 and result["max_per_chip_batch"] is None
   assert any("not hardware measurements" in line for line in lines)
+  bounds = next(line for line in lines if line.strip().startswith("bounds"))
+  assert "compute" in bounds and "MXU-width compute" in bounds and "HBM bandwidth" in bounds
+  assert any(f"bound by {result['bound']}" in line for line in lines)
   assert out.stderr.strip() == ""  # libtpu's start-up warnings are kept off the console
   bad = subprocess.run([sys.executable, "-m", "train.plan", "--config", "configs/digits_bc.py",
                         "--topology", "v5e:3x7"], capture_output=True, text=True, timeout=300)
@@ -136,3 +149,178 @@ def test_max_batch_search_brackets_a_linear_memory_model_in_few_compiles(base, l
   best, over, compiled = plan.largest_fitting_batch(fits_at, 16, memory(16), True, hbm)
   assert (best, over) == (limit, limit + 1)
   assert len(compiled) <= 3, compiled  # undershoot, extrapolate, confirm
+
+
+# Every field the planner's --json printed before the plan became a dataclass: scripts read them.
+JSON_FIELDS_BEFORE = (
+    "topology num_slices chip chips processes model dataset dtype memory_efficient global_batch "
+    "per_chip_batch hbm_bytes steps_per_epoch total_steps eval_per_chip_batch "
+    "chip_bf16_flops_per_s chip_hbm_bytes_per_s chip_source estimate fits "
+    "per_chip_required_bytes eval_per_chip_required_bytes eval_per_chip_peak_bytes "
+    "eval_per_chip_temp_bytes eval_flops_per_step eval_bytes_accessed_per_step "
+    "eval_compile_seconds eval_compile_cpu_seconds per_chip_argument_bytes "
+    "per_chip_output_bytes per_chip_alias_bytes per_chip_temp_bytes "
+    "per_chip_generated_code_bytes per_chip_peak_bytes headroom_bytes flops_per_step "
+    "bytes_accessed_per_step flops_per_image bytes_accessed_per_image roofline_step_seconds "
+    "bound roofline_images_per_s roofline_images_per_s_global compute_fraction_of_peak "
+    "epoch_seconds run_seconds chip_hours compile_seconds compile_cpu_seconds "
+    "max_per_chip_batch max_batch_not_fitting max_batch_compiles").split()
+
+
+def test_a_plan_keeps_every_json_field_it_ever_had():
+  fields = {f.name for f in dataclasses.fields(plan.Plan)}
+  assert set(JSON_FIELDS_BEFORE) <= fields, set(JSON_FIELDS_BEFORE) - fields
+  assert {"compute_bound_seconds", "mxu_bound_seconds", "memory_bound_seconds",
+          "mxu_flops_per_step", "chip_mxu_width"} <= fields
+
+
+@pytest.mark.parametrize("topology,num_slices,message", [
+    ("v5e:64x64", 1, r"4,096 chips, more than a TPU v5e pod \(256 chips"),
+    ("v5e:2x2x2", 1, r"TPU v5e slices are 2-D"),
+    ("v6e:4x4x4", 1, r"TPU v6e \(Trillium\) slices are 2-D"),
+    ("v4:2x2", 1, r"TPU v4 slices are 3-D"),
+    ("v5p:32x32x32", 1, r"32,768 chips, more than a TPU v5p pod \(8,960 chips"),
+    ("v5e:2x2", 0, r"--num_slices=0: must be between 1 and"),
+    ("v5e:16x16", 1000, r"--num_slices=1000: must be between 1 and 256"),
+])
+def test_slices_no_pod_has_are_one_line_errors(topology, num_slices, message):
+  with pytest.raises(errors.ConfigError, match=message) as e:
+    plan.tpu_devices(topology, num_slices)
+  assert "\n" not in str(e.value)
+
+
+def test_zero_dimensions_never_reach_libtpu():
+  # libtpu divides by a zero dimension (SIGFPE, exit 136, nothing printed): each must be a
+  # ConfigError raised before it is called. A subprocess, so that a regression is a failure here
+  # and not the end of the test run.
+  probe = ("from train import errors, plan\n"
+           "for t in ('v5e:0x2', 'v5e:2x0', 'v4:0x0x0', 'v6e:0x4', 'v5e:-2x2', 'v5e:2x'):\n"
+           "  try:\n"
+           "    plan.tpu_devices(t)\n"
+           "  except errors.ConfigError as e:\n"
+           "    print(e)\n")
+  out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, (out.returncode, out.stderr[-500:])
+  lines = out.stdout.strip().splitlines()
+  assert len(lines) == 6 and all("must be a positive integer" in line for line in lines), lines
+  cli = subprocess.run([sys.executable, "-m", "train.plan", "--config", "configs/digits_bc.py",
+                        "--topology", "v5e:0x2"], capture_output=True, text=True, timeout=300)
+  assert cli.returncode == 1 and cli.stdout == "", (cli.returncode, cli.stdout)
+  assert cli.stderr.strip() == ("error: --topology=v5e:0x2: every dimension must be a positive "
+                                "integer, e.g. v5e:2x2.")
+
+
+def _fake_compiles(monkeypatch, over: int):
+  """compile_cost as a stand-in: a step over `over` images (global) does not fit; records calls."""
+  calls = []
+  matmul = plan.MatmulFlops(flops=1e9, mxu_flops=2e9, instructions=1)
+
+  def compile_cost(lowerable, state, batch, **_):
+    del lowerable, state
+    images = batch["image"].shape[0]
+    calls.append(images)
+    if images > over:
+      raise plan.OutOfMemory(f"required for HLO temporaries ({images / 1000:.2f}G)")
+    return plan.StepCost(argument_bytes=1 << 20, output_bytes=1 << 20, alias_bytes=1 << 20,
+                         temp_bytes=images * 1000, generated_code_bytes=0,
+                         peak_bytes=(1 << 20) + images * 1000, flops=1e9, bytes_accessed=1e8,
+                         matmul=matmul, compile_seconds=1.0, compile_cpu_seconds=1.0)
+
+  monkeypatch.setattr(plan, "compile_cost", compile_cost)
+  return calls
+
+
+BIG = dict(dataset="imagenet2012", eval_split="validation", batch_size=4096, eval_batch_size=64)
+
+
+def test_nomax_batch_compiles_only_the_configured_steps(monkeypatch):
+  calls = _fake_compiles(monkeypatch, over=1000)
+  p = plan.plan(tiny_config(**BIG), "v5e:2x2", max_batch=False)
+  assert calls == [4096, 64]  # the train step (does not fit) and the eval step: no search
+  assert p.fits is False and p.per_chip_required_bytes == pytest.approx(4.10 * plan.GiB)
+  assert p.max_per_chip_batch is None and p.max_batch_compiles is None
+  assert "DOES NOT FIT" in plan.report(p) and "max batch" not in plan.report(p)
+  json.dumps(p.asdict())  # --json
+
+
+def test_max_batch_search_reports_each_compile_and_stops_at_its_bound(monkeypatch):
+  calls = _fake_compiles(monkeypatch, over=1500)  # 375 images per chip
+  heard = []
+  p = plan.plan(tiny_config(**BIG), "v5e:2x2", max_batch_compiles=2, progress=heard.append)
+  assert len(p.max_batch_compiles) == 2 and calls[2:] == [4 * b for b in p.max_batch_compiles]
+  assert sum("compile" in line and "of at most 2" in line for line in heard) == 2
+  outcomes = [line.strip() for line in heard if line.startswith("    ")]
+  assert outcomes == ["does not fit (needs 2.05 GiB)", "fits (2.0 MiB)"], heard
+  assert p.max_per_chip_batch is not None and "max batch" in plan.report(p)
+
+
+def _compiled_text(f, *shapes, topology="v5e:1x1"):
+  """The optimised HLO of `f` compiled for one chip of `topology`."""
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  chip = plan.CHIPS[topology.split(":")[0]]
+  devices = topologies.get_topology_desc(platform="tpu", topology_name=topology,
+                                         chip_config_name=chip.chip_config).devices
+  sharding = NamedSharding(Mesh(np.asarray(devices), ("data",)), P())
+  args = [jax.ShapeDtypeStruct(s, jnp.bfloat16, sharding=sharding) for s in shapes]
+  return jax.jit(f).lower(*args).compile().as_text()
+
+
+def _conv(x, w):
+  return jax.lax.conv_general_dilated(x, w, (1, 1), "SAME",
+                                      dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+# 8 images of 16x16x20 -> 12 channels: 2048 output rows, contraction 3*3*20 = 180. On a
+# 128-wide MXU the contraction takes two widths (256) and the 12 channels one (128); on a
+# 256-wide one, one width each.
+@pytest.mark.parametrize("topology,width,contraction,features",
+                         [("v5e:1x1", 128, 256, 128), ("v6e:1x1", 256, 256, 256)])
+def test_mxu_flops_of_a_3x3_convolution_making_12_channels(topology, width, contraction,
+                                                           features):
+  text = _compiled_text(_conv, (8, 16, 16, 20), (3, 3, 20, 12), topology=topology)
+  counted = plan.matmul_flops(text, width)
+  assert counted.instructions == 1
+  assert counted.flops == 2 * 2048 * 180 * 12
+  assert counted.mxu_flops == 2 * 2048 * contraction * features
+
+
+def test_mxu_flops_of_a_convolutions_gradient_and_a_dense_layer():
+  loss = lambda x, w: jnp.sum(_conv(x, w).astype(jnp.float32) ** 2)
+  text = _compiled_text(jax.grad(loss, argnums=(0, 1)), (8, 16, 16, 20), (3, 3, 20, 12))
+  counted = plan.matmul_flops(text, 128)
+  # forward: 2048 rows, K = 180 -> 256, 12 -> 128 features;
+  # input gradient: 2048 rows, K = 3*3*12 = 108 -> 128, 20 -> 128 features;
+  # weight gradient: 3*3*20 = 180 rows, K = 8 images * 16*16 positions = 2048, 12 -> 128.
+  assert counted.instructions == 3
+  assert counted.flops == 2 * (2048 * 180 * 12 + 2048 * 108 * 20 + 180 * 2048 * 12)
+  assert counted.mxu_flops == 2 * (2048 * 256 * 128 + 2048 * 128 * 128 + 180 * 2048 * 128)
+  dense = plan.matmul_flops(_compiled_text(jnp.matmul, (64, 100), (100, 10)), 128)
+  assert (dense.flops, dense.mxu_flops) == (2 * 64 * 100 * 10, 2 * 64 * 128 * 128)
+
+
+def test_mxu_flops_of_a_batched_dot_written_as_hlo():
+  text = "\n".join([
+      "  %a = bf16[4,64,100]{2,1,0} parameter(0)",
+      "  %b = bf16[4,100,10]{2,1,0} parameter(1)",
+      "  ROOT %d = f32[4,64,10]{2,1,0} dot(%a, %b), lhs_batch_dims={0}, "
+      "lhs_contracting_dims={2}, rhs_batch_dims={0}, rhs_contracting_dims={1}",
+  ])
+  counted = plan.matmul_flops(text, 128)
+  assert (counted.flops, counted.mxu_flops) == (2 * 4 * 64 * 100 * 10, 2 * 4 * 64 * 128 * 128)
+
+
+def test_mxu_widths_follow_jax_s_own_chip_table():
+  from jax._src import tpu_info  # pylint: disable=g-import-not-at-top
+  versions = {"v4": "TPU_V4", "v5e": "TPU_V5E", "v5p": "TPU_V5P", "v6e": "TPU_V6E",
+              "tpu7x": "TPU_7X"}
+  for generation, version in versions.items():
+    info = tpu_info._get_tpu_info_impl(tpu_info.ChipVersion[version], 1)  # pylint: disable=protected-access
+    assert plan.CHIPS[generation].mxu_width == info.mxu_column_size, generation
+
+
+@pytest.mark.parametrize("module", ["train.plan", "train.main"])
+def test_a_missing_config_is_one_line(module):
+  out = subprocess.run([sys.executable, "-m", module], capture_output=True, text=True,
+                       timeout=300)
+  assert out.returncode == 2
+  assert out.stderr.strip() == "error: --config is required, e.g. --config configs/cifar_bc.py."

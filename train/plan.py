@@ -11,6 +11,21 @@ bytes accessed per step, and from those a roofline step time against the chip's 
 Every figure is a compiler estimate, not a measurement on hardware. Needs libtpu:
 `pip install -e '.[tpu]'`. No data and no workdir: dataset sizes come from a table of the
 shipped datasets.
+
+The roofline is the largest of three lower bounds on a step's time:
+  compute      the compiler's flops at the chip's bf16 peak;
+  MXU-width    the flops the matrix units execute: every convolution and dot of the optimised
+               HLO with its contraction size (input features x window) and its output-feature
+               size each rounded up to the MXU width (128 on v4/v5e/v5p, 256 on v6e/tpu7x), at
+               the same peak. A 3x3 convolution that makes 12 channels occupies a 128-wide MXU
+               as if it made 128: the peak assumes full tiles. Elementwise work is left out (it
+               runs on the vector units), so this bound counts only matrix work;
+  memory       the compiler's HBM bytes accessed at the chip's HBM bandwidth.
+Sources: the MXU is a 128x128 systolic array (https://cloud.google.com/tpu/docs/
+system-architecture-tpu-vm); v6e has 256x256 MXUs (https://cloud.google.com/tpu/docs/v6e);
+tpu7x's width is JAX's own table (`mxu_column_size=256` for TPU_7X in jax/_src/tpu_info.py,
+JAX 0.12.0.1), as Google's tpu7x page does not state it. docs/accelerators.md has the model's
+limits.
 """
 
 from __future__ import annotations
@@ -45,8 +60,12 @@ def _define_flags() -> None:
                       "v4:2x2x1, v5p:2x2x1, tpu7x:2x2x1.")
   flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (multislice).")
   flags.DEFINE_bool("max_batch", True,
-                    "Also find the largest per-chip batch whose train step fits in HBM "
-                    "(usually 3 more compiles of the train step).")
+                    "Also search for the largest per-chip batch whose train step fits in HBM "
+                    "(a few more train-step compiles, at most --max_batch_compiles); "
+                    "--nomax_batch compiles only the configured batch.")
+  flags.DEFINE_integer("max_batch_compiles", 5,
+                       "The most train-step compiles the largest-batch search may spend.",
+                       lower_bound=1)
   flags.DEFINE_bool("json", False, "Print one JSON object as the last line of the output.")
   flags.DEFINE_string("dump_hlo", None, "A folder for the optimised HLO text of both steps.")
 
@@ -60,23 +79,31 @@ class Chip:
   bf16_flops_per_s: float
   hbm_bytes_per_s: float
   chip_config: str  # libtpu's name for one device per chip
+  dims: int  # a slice's shape: AxB (2-D torus) or AxBxC (3-D)
+  pod_chips: int  # the largest slice: one pod
+  mxu_width: int  # an MXU multiplies mxu_width x mxu_width tiles
   source: str
 
 
 GiB = 1 << 30
-# Per chip, from Google Cloud's TPU pages (bf16 peak, HBM capacity and bandwidth), 2026-12.
+# Per chip, from Google Cloud's TPU pages (bf16 peak, HBM capacity and bandwidth, pod size and
+# interconnect dimensions), 2026-12. MXU widths: see the module docstring.
 CHIPS = {
-    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "megacore",
+    "v4": Chip("TPU v4", 32 * GiB, 275e12, 1200e9, "megacore", 3, 4096, 128,
                "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "default",
+    "v5e": Chip("TPU v5e", 16 * GiB, 197e12, 819e9, "default", 2, 256, 128,
                 "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "megacore",
+    "v5p": Chip("TPU v5p", 95 * GiB, 459e12, 2765e9, "megacore", 3, 8960, 128,
                 "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e (Trillium)", 32 * GiB, 918e12, 1638e9, "default",
+    "v6e": Chip("TPU v6e (Trillium)", 32 * GiB, 918e12, 1638e9, "default", 2, 256, 256,
                 "https://cloud.google.com/tpu/docs/v6e"),
-    "tpu7x": Chip("TPU7x (Ironwood)", 192 * GiB, 2307e12, 7380e9, "default",
+    "tpu7x": Chip("TPU7x (Ironwood)", 192 * GiB, 2307e12, 7380e9, "default", 3, 9216, 256,
                   "https://cloud.google.com/tpu/docs/tpu7x"),
 }
+# A planner bound on chips over all slices, above the largest published multislice job
+# ("50000+ TPU v5e chips", Google Cloud blog, 2023-11-08): larger numbers are typing errors,
+# and libtpu would build every one of their devices.
+MAX_CHIPS = 1 << 16
 
 # Examples per split of the shipped configs' datasets (tfds catalog), so that planning needs
 # no data: (splits, classes, channels).
@@ -113,19 +140,46 @@ def split_size(dataset: str, split: str, field: str = "train_split") -> int:
   return total
 
 
-def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
-  """The chip figures and the devices of a named TPU topology (one device per chip)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
-  generation = topology.split(":", 1)[0]
-  if generation not in CHIPS or ":" not in topology:
+def check_topology(topology: str, num_slices: int = 1) -> Chip:
+  """The chip of `topology` if the slice can exist (libtpu dies of SIGFPE on a zero dimension)."""
+  generation, _, shape = topology.partition(":")
+  if generation not in CHIPS or not shape:
     raise errors.ConfigError(
         f"--topology={topology}: expected GENERATION:SHAPE with GENERATION one of "
         f"{', '.join(CHIPS)}, e.g. v5e:2x2 or v4:2x2x1.")
+  chip = CHIPS[generation]
+  example = "2x2" if chip.dims == 2 else "2x2x1"
+  sides = shape.split("x")
+  if not all(re.fullmatch(r"\d+", s) and int(s) > 0 for s in sides):
+    raise errors.ConfigError(
+        f"--topology={topology}: every dimension must be a positive integer, e.g. "
+        f"{generation}:{example}.")
+  if len(sides) != chip.dims:
+    raise errors.ConfigError(
+        f"--topology={topology}: {chip.name} slices are {chip.dims}-D "
+        f"({'x'.join('ABC'[:chip.dims])}), e.g. {generation}:{example}.")
+  chips = math.prod(int(s) for s in sides)
+  if chips > chip.pod_chips:
+    raise errors.ConfigError(
+        f"--topology={topology}: {chips:,} chips, more than a {chip.name} pod "
+        f"({chip.pod_chips:,} chips, {chip.source}); plan a slice of at most "
+        f"{chip.pod_chips:,} chips, or several with --num_slices.")
+  if num_slices < 1 or chips * num_slices > MAX_CHIPS:
+    raise errors.ConfigError(
+        f"--num_slices={num_slices}: must be between 1 and {MAX_CHIPS // chips:,} for "
+        f"{topology} (at most {MAX_CHIPS:,} chips in all, above the largest published "
+        f"multislice job).")
+  return chip
+
+
+def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
+  """The chip figures and the devices of a named TPU topology (one device per chip)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  chip = check_topology(topology, num_slices)
   if importlib.util.find_spec("libtpu") is None:
     raise errors.ConfigError("Planning for a TPU needs libtpu (no TPU is needed): "
                              "pip install -e '.[tpu]'.")
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
-  chip = CHIPS[generation]
   try:
     with cli.stderr_to(os.devnull):  # libtpu's warnings that no TPU is attached
       topo = topologies.get_topology_desc(platform="tpu", topology_name=topology,
@@ -140,6 +194,71 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
 
 
 @dataclasses.dataclass(frozen=True)
+class MatmulFlops:
+  """The matrix work of an optimised HLO module: as written, and as the MXU executes it."""
+
+  flops: float  # 2 x rows x contraction x output features, summed over convolutions and dots
+  mxu_flops: float  # the same with contraction and output features rounded up to the MXU width
+  instructions: int
+
+
+_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
+_OPERANDS = re.compile(r"\b(convolution|dot)\(([^)]*)\)")
+
+
+def matmul_flops(hlo_text: str, mxu_width: int) -> MatmulFlops:
+  """Sums the convolutions and dots of `hlo_text` (optimised HLO), padded to `mxu_width`.
+
+  A convolution `out = conv(lhs, rhs)` with `dim_labels=..._RHS->OUT`: its contraction is the
+  rhs input-feature size times the window (every rhs spatial dimension), its output features
+  the rhs `o` size (per feature group), its rows every other output element. Dots: contracting
+  dims against the rhs's free dims, per batch. Every computation is counted once (the train
+  and eval steps have no loops).
+  """
+  shapes: dict[str, list[int]] = {}
+  flops = mxu = 0.0
+  count = 0
+
+  def up(n: int) -> int:
+    return -(-n // mxu_width) * mxu_width
+
+  for line in hlo_text.splitlines():
+    defined = _DEFINITION.match(line)
+    if not defined:
+      continue
+    out = [int(d) for d in defined.group(2).split(",") if d]
+    shapes[defined.group(1)] = out
+    op = _OPERANDS.search(line)
+    if not op:
+      continue
+    lhs_name, rhs_name = re.findall(r"%([\w.\-]+)", op.group(2))[:2]
+    lhs, rhs = shapes[lhs_name], shapes[rhs_name]
+    if op.group(1) == "convolution":
+      labels = re.search(r"dim_labels=\w+_(\w+)->(\w+)", line)
+      rhs_labels, out_labels = labels.group(1), labels.group(2)
+      groups = math.prod(int(g) for g in re.findall(r"(?:feature|batch)_group_count=(\d+)",
+                                                    line)) or 1
+      contraction = rhs[rhs_labels.index("i")] * math.prod(
+          size for size, label in zip(rhs, rhs_labels) if label.isdigit())
+      features = out[out_labels.index("f")]
+      rows = math.prod(out) // features
+      padded_features = groups * up(features // groups)
+    else:
+      def dims(key: str) -> list[int]:
+        found = re.search(rf"{key}=\{{([\d,]*)\}}", line)
+        return [int(d) for d in found.group(1).split(",") if d] if found else []
+      batch = math.prod(rhs[d] for d in dims("rhs_batch_dims"))
+      contraction = math.prod(rhs[d] for d in dims("rhs_contracting_dims"))
+      features = math.prod(rhs) // (batch * contraction)
+      rows = math.prod(lhs) // contraction  # every lhs row, batch included
+      padded_features = up(features)
+    flops += 2.0 * rows * contraction * features
+    mxu += 2.0 * rows * up(contraction) * padded_features
+    count += 1
+  return MatmulFlops(flops=flops, mxu_flops=mxu, instructions=count)
+
+
+@dataclasses.dataclass(frozen=True)
 class StepCost:
   """What the compiler says about one compiled step, per chip."""
 
@@ -151,6 +270,7 @@ class StepCost:
   peak_bytes: int
   flops: float
   bytes_accessed: float
+  matmul: MatmulFlops
   compile_seconds: float
   compile_cpu_seconds: float
 
@@ -164,7 +284,8 @@ class OutOfMemory(Exception):
     self.required_bytes = float(found.group(1)) * GiB if found else None
 
 
-def compile_cost(lowerable: Any, *args: Any, hlo_path: str | None = None) -> StepCost:
+def compile_cost(lowerable: Any, *args: Any, mxu_width: int = 128,
+                 hlo_path: str | None = None) -> StepCost:
   """Lowers and compiles `lowerable(*args)` (a jitted function) and reads its analyses.
 
   `hlo_path` receives the optimised HLO (the fusions, shapes and TPU layouts behind the bytes).
@@ -179,9 +300,10 @@ def compile_cost(lowerable: Any, *args: Any, hlo_path: str | None = None) -> Ste
       raise OutOfMemory(str(e)) from None
     raise
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  text = compiled.as_text()
   if hlo_path:
     with open(hlo_path, "w") as f:
-      f.write(compiled.as_text())
+      f.write(text)
   memory = compiled.memory_analysis()
   cost = compiled.cost_analysis() or {}
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -196,19 +318,31 @@ def compile_cost(lowerable: Any, *args: Any, hlo_path: str | None = None) -> Ste
       # simulation that can come out below the temporaries alone, so it is not used.
       peak_bytes=components,
       flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      compile_seconds=wall, compile_cpu_seconds=cpu)
+      matmul=matmul_flops(text, mxu_width), compile_seconds=wall, compile_cpu_seconds=cpu)
+
+
+BOUNDS = ("compute", "MXU-width compute", "HBM bandwidth")
+
+
+def bound_seconds(cost: StepCost, chip: Chip) -> dict[str, float]:
+  """The step's three lower bounds on `chip`, by name (BOUNDS): see the module docstring."""
+  return dict(zip(BOUNDS, (cost.flops / chip.bf16_flops_per_s,
+                           cost.matmul.mxu_flops / chip.bf16_flops_per_s,
+                           cost.bytes_accessed / chip.hbm_bytes_per_s)))
 
 
 def roofline_seconds(cost: StepCost, chip: Chip) -> tuple[float, str]:
-  """The step's lower bound on `chip`: compute at bf16 peak or HBM traffic at full bandwidth."""
-  compute = cost.flops / chip.bf16_flops_per_s
-  memory = cost.bytes_accessed / chip.hbm_bytes_per_s
-  return (compute, "compute") if compute >= memory else (memory, "HBM bandwidth")
+  """The step's lower bound on `chip` (the largest of its three) and the name of that bound."""
+  bounds = bound_seconds(cost, chip)
+  binding = max(BOUNDS, key=bounds.__getitem__)
+  return bounds[binding], binding
 
 
 def largest_fitting_batch(fits_at: Callable[[int], float | None], batch: int,
                           memory: float | None, fitted: bool, hbm: int, step: int = 1,
-                          max_compiles: int = 5) -> tuple[int, int | None, list[int]]:
+                          max_compiles: int = 5,
+                          progress: Callable[[str], None] = lambda _: None,
+                          ) -> tuple[int, int | None, list[int]]:
   """The largest per-chip batch (a multiple of `step`) whose train step compiles within HBM.
 
   `fits_at(b)` compiles at batch b and returns its memory, or raises OutOfMemory, which
@@ -217,7 +351,8 @@ def largest_fitting_batch(fits_at: Callable[[int], float | None], batch: int,
   extrapolates the line through the two largest fitting batches, and confirms the answer by
   compiling the batch after it; a failure brackets the answer, and the search interpolates (or
   bisects) inside the bracket. For a linear memory curve that is 3 compiles; the compiler's
-  re-planning near the limit can take more, up to `max_compiles`.
+  re-planning near the limit can take more, but never more than `max_compiles`. `progress`
+  hears one line per compile, before it starts and with its outcome.
   Returns (largest fitting, smallest known not fitting or None, batches compiled).
   """
   known: dict[int, float | None] = {batch: memory}
@@ -251,24 +386,139 @@ def largest_fitting_batch(fits_at: Callable[[int], float | None], batch: int,
         guess = lo + step
     if hi is not None and guess >= hi:
       break
+    progress(f"  compile {len(compiled) + 1} of at most {max_compiles}: {guess} images per "
+             f"chip...")
     try:
       known[guess] = fits_at(guess)
       outcome[guess] = True
+      progress(f"    fits ({_bytes(known[guess])})" if known[guess] else "    fits")
     except OutOfMemory as e:
       known[guess], outcome[guess] = e.required_bytes, False
+      progress("    does not fit" + (f" (needs {_bytes(e.required_bytes)})"
+                                     if e.required_bytes else ""))
     compiled.append(guess)
   lo = max((b for b, ok in outcome.items() if ok), default=0)
   hi = min((b for b, ok in outcome.items() if not ok), default=None)
   return lo, hi, compiled
 
 
+@dataclasses.dataclass(frozen=True)
+class Plan:
+  """One run planned on one topology: figures per chip unless named global; None where the
+  step they describe did not fit (or, for the max_batch fields, no search was asked for)."""
+
+  # The run, as the trainer would lay it out.
+  topology: str
+  num_slices: int
+  chip: str
+  chips: int
+  processes: int
+  model: str
+  dataset: str
+  dtype: str
+  memory_efficient: bool
+  global_batch: int
+  per_chip_batch: int
+  eval_per_chip_batch: int
+  steps_per_epoch: int
+  total_steps: int
+  # The chip's published figures.
+  hbm_bytes: int
+  chip_bf16_flops_per_s: float
+  chip_hbm_bytes_per_s: float
+  chip_mxu_width: int
+  chip_source: str
+  # Both steps fit in HBM.
+  fits: bool
+  # The train step: what the compiler needs when it does not fit, else its memory and work.
+  per_chip_required_bytes: float | None = None
+  per_chip_argument_bytes: int | None = None
+  per_chip_output_bytes: int | None = None
+  per_chip_alias_bytes: int | None = None
+  per_chip_temp_bytes: int | None = None
+  per_chip_generated_code_bytes: int | None = None
+  per_chip_peak_bytes: int | None = None
+  headroom_bytes: int | None = None
+  flops_per_step: float | None = None
+  bytes_accessed_per_step: float | None = None
+  matmul_flops_per_step: float | None = None  # convolutions and dots, from the HLO
+  mxu_flops_per_step: float | None = None  # the same padded to the MXU width
+  flops_per_image: float | None = None
+  bytes_accessed_per_image: float | None = None
+  mxu_flops_per_image: float | None = None
+  # The train step's roofline: three lower bounds (module docstring) and the one that binds.
+  compute_bound_seconds: float | None = None
+  mxu_bound_seconds: float | None = None
+  memory_bound_seconds: float | None = None
+  roofline_step_seconds: float | None = None
+  bound: str | None = None
+  roofline_images_per_s: float | None = None
+  roofline_images_per_s_global: float | None = None
+  compute_fraction_of_peak: float | None = None
+  epoch_seconds: float | None = None
+  run_seconds: float | None = None
+  chip_hours: float | None = None
+  compile_seconds: float | None = None
+  compile_cpu_seconds: float | None = None
+  # The eval step.
+  eval_per_chip_required_bytes: float | None = None
+  eval_per_chip_peak_bytes: int | None = None
+  eval_per_chip_temp_bytes: int | None = None
+  eval_flops_per_step: float | None = None
+  eval_bytes_accessed_per_step: float | None = None
+  eval_mxu_flops_per_step: float | None = None
+  eval_compile_seconds: float | None = None
+  eval_compile_cpu_seconds: float | None = None
+  # The largest-batch search (--max_batch).
+  max_per_chip_batch: int | None = None
+  max_batch_not_fitting: int | None = None
+  max_batch_compiles: list[int] | None = None
+  estimate: str = "compiler estimates (ahead-of-time TPU compile), not hardware measurements"
+
+  def asdict(self) -> dict[str, Any]:
+    """Every field by name: the planner's --json object."""
+    return dataclasses.asdict(self)
+
+
+def _train_figures(train: StepCost, evaluate: StepCost | None, chip: Chip, per_chip: int,
+                   chips: int, eval_steps: int, evals: int, steps_per_epoch: int,
+                   total_steps: int, eval_every_epochs: int) -> dict[str, Any]:
+  """The Plan fields that follow from a train step that fits."""
+  bounds = bound_seconds(train, chip)
+  step_seconds, bound = roofline_seconds(train, chip)
+  eval_pass = eval_steps * roofline_seconds(evaluate, chip)[0] if evaluate else 0.0
+  run_seconds = total_steps * step_seconds + evals * eval_pass
+  return dict(
+      per_chip_argument_bytes=train.argument_bytes, per_chip_output_bytes=train.output_bytes,
+      per_chip_alias_bytes=train.alias_bytes, per_chip_temp_bytes=train.temp_bytes,
+      per_chip_generated_code_bytes=train.generated_code_bytes,
+      per_chip_peak_bytes=train.peak_bytes,
+      headroom_bytes=chip.hbm_bytes - max(train.peak_bytes,
+                                          evaluate.peak_bytes if evaluate else 0),
+      flops_per_step=train.flops, bytes_accessed_per_step=train.bytes_accessed,
+      matmul_flops_per_step=train.matmul.flops, mxu_flops_per_step=train.matmul.mxu_flops,
+      flops_per_image=train.flops / per_chip,
+      bytes_accessed_per_image=train.bytes_accessed / per_chip,
+      mxu_flops_per_image=train.matmul.mxu_flops / per_chip,
+      compute_bound_seconds=bounds["compute"], mxu_bound_seconds=bounds["MXU-width compute"],
+      memory_bound_seconds=bounds["HBM bandwidth"],
+      roofline_step_seconds=step_seconds, bound=bound,
+      roofline_images_per_s=per_chip / step_seconds,
+      roofline_images_per_s_global=per_chip * chips / step_seconds,
+      compute_fraction_of_peak=train.flops / chip.bf16_flops_per_s / step_seconds,
+      epoch_seconds=steps_per_epoch * step_seconds + eval_pass / eval_every_epochs,
+      run_seconds=run_seconds, chip_hours=run_seconds * chips / 3600,
+      compile_seconds=train.compile_seconds, compile_cpu_seconds=train.compile_cpu_seconds)
+
+
 def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True,
          progress: Callable[[str], None] = lambda _: None, model: Any = None,
-         max_batch_compiles: int = 5, hlo_dir: str | None = None) -> dict[str, Any]:
-  """Compiles the run's train and eval steps for `topology`; every per-chip figure, as a dict.
+         max_batch_compiles: int = 5, hlo_dir: str | None = None) -> Plan:
+  """Compiles the run's train and eval steps for `topology` and says what they need per chip.
 
   `model` replaces the configured one (any flax module with the same `apply` signature and
-  variable collections, e.g. a textbook DenseNet to compare against).
+  variable collections, e.g. a textbook DenseNet to compare against). `max_batch` also
+  searches for the largest per-chip batch that fits, in at most `max_batch_compiles` compiles.
   """
   from train import step as step_lib, validation  # pylint: disable=g-import-not-at-top
   validation.validate(config)
@@ -303,80 +553,61 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
     with resized.unlocked():
       resized.batch_size = per_chip * chips
     return compile_cost(step_lib.make_train_step(model, tx, resized, mesh), state,
-                        step_lib.abstract_batch(mesh, per_chip * chips, image), hlo_path=hlo)
+                        step_lib.abstract_batch(mesh, per_chip * chips, image),
+                        mxu_width=chip.mxu_width, hlo_path=hlo)
 
   per_chip = batches.train // chips
-  result: dict[str, Any] = {
-      "topology": topology, "num_slices": num_slices, "chip": chip.name, "chips": chips,
-      "processes": processes, "model": config.model, "dataset": config.dataset,
-      "dtype": "bfloat16" if config.half_precision else "float32",
-      "memory_efficient": config.memory_efficient,
-      "global_batch": batches.train, "per_chip_batch": per_chip, "hbm_bytes": chip.hbm_bytes,
-      "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-      "eval_per_chip_batch": batches.eval // chips,
-      "chip_bf16_flops_per_s": chip.bf16_flops_per_s,
-      "chip_hbm_bytes_per_s": chip.hbm_bytes_per_s, "chip_source": chip.source,
-      "estimate": "compiler estimates (ahead-of-time TPU compile), not hardware measurements",
-  }
   progress(f"Compiling the train step for {topology} ({chips} chips, {per_chip} images per "
            f"chip)...")
+  train: StepCost | None = None
+  needed: dict[str, Any] = {}
   try:
-    train: StepCost | None = train_cost(per_chip, hlo_path("train_step"))
+    train = train_cost(per_chip, hlo_path("train_step"))
   except OutOfMemory as e:
-    train = None
-    result.update(fits=False, per_chip_required_bytes=e.required_bytes)
+    needed["per_chip_required_bytes"] = e.required_bytes
   progress(f"Compiling the eval step ({batches.eval // chips} images per chip)...")
+  evaluate: StepCost | None = None
   try:
-    evaluate: StepCost | None = compile_cost(
-        step_lib.make_eval_step(model, mesh), state,
-        step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True),
-        hlo_path=hlo_path("eval_step"))
+    evaluate = compile_cost(step_lib.make_eval_step(model, mesh), state,
+                            step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True),
+                            mxu_width=chip.mxu_width, hlo_path=hlo_path("eval_step"))
   except OutOfMemory as e:
-    evaluate = None
-    result.update(fits=False, eval_per_chip_required_bytes=e.required_bytes)
+    needed["eval_per_chip_required_bytes"] = e.required_bytes
+  figures: dict[str, Any] = {}
   if evaluate is not None:
-    result.update(eval_per_chip_peak_bytes=evaluate.peak_bytes,
-                  eval_per_chip_temp_bytes=evaluate.temp_bytes,
-                  eval_flops_per_step=evaluate.flops,
-                  eval_bytes_accessed_per_step=evaluate.bytes_accessed,
-                  eval_compile_seconds=evaluate.compile_seconds,
-                  eval_compile_cpu_seconds=evaluate.compile_cpu_seconds)
+    figures.update(eval_per_chip_peak_bytes=evaluate.peak_bytes,
+                   eval_per_chip_temp_bytes=evaluate.temp_bytes,
+                   eval_flops_per_step=evaluate.flops,
+                   eval_bytes_accessed_per_step=evaluate.bytes_accessed,
+                   eval_mxu_flops_per_step=evaluate.matmul.mxu_flops,
+                   eval_compile_seconds=evaluate.compile_seconds,
+                   eval_compile_cpu_seconds=evaluate.compile_cpu_seconds)
   if train is not None:
-    train_seconds, bound = roofline_seconds(train, chip)
-    evals = max(1, (total_steps // steps_per_epoch) // config.eval_every_epochs)
-    eval_pass = (math.ceil(num_eval / batches.eval) * roofline_seconds(evaluate, chip)[0]
-                 if evaluate is not None else 0.0)
-    run_seconds = total_steps * train_seconds + evals * eval_pass
-    result.update({
-        "per_chip_argument_bytes": train.argument_bytes,
-        "per_chip_output_bytes": train.output_bytes, "per_chip_alias_bytes": train.alias_bytes,
-        "per_chip_temp_bytes": train.temp_bytes,
-        "per_chip_generated_code_bytes": train.generated_code_bytes,
-        "per_chip_peak_bytes": train.peak_bytes,
-        "fits": result.get("fits", True),
-        "headroom_bytes": chip.hbm_bytes - max(train.peak_bytes,
-                                               evaluate.peak_bytes if evaluate else 0),
-        "flops_per_step": train.flops, "bytes_accessed_per_step": train.bytes_accessed,
-        "flops_per_image": train.flops / per_chip,
-        "bytes_accessed_per_image": train.bytes_accessed / per_chip,
-        "roofline_step_seconds": train_seconds, "bound": bound,
-        "roofline_images_per_s": per_chip / train_seconds,
-        "roofline_images_per_s_global": per_chip * chips / train_seconds,
-        "compute_fraction_of_peak": train.flops / chip.bf16_flops_per_s / train_seconds,
-        "epoch_seconds": steps_per_epoch * train_seconds + eval_pass / config.eval_every_epochs,
-        "run_seconds": run_seconds, "chip_hours": run_seconds * chips / 3600,
-        "compile_seconds": train.compile_seconds,
-        "compile_cpu_seconds": train.compile_cpu_seconds,
-    })
-  if max_batch or train is None:
-    progress("Finding the largest per-chip batch that fits (a few more train-step compiles)...")
+    figures.update(_train_figures(
+        train, evaluate, chip, per_chip, chips, eval_steps=math.ceil(num_eval / batches.eval),
+        evals=max(1, (total_steps // steps_per_epoch) // config.eval_every_epochs),
+        steps_per_epoch=steps_per_epoch, total_steps=total_steps,
+        eval_every_epochs=config.eval_every_epochs))
+  if max_batch:
+    progress(f"Finding the largest per-chip batch that fits (at most {max_batch_compiles} more "
+             f"train-step compiles)...")
     best, over, compiled = largest_fitting_batch(
         lambda b: train_cost(b).peak_bytes, per_chip,
-        train.peak_bytes if train else result.get("per_chip_required_bytes"), train is not None,
-        chip.hbm_bytes, step=8 if per_chip % 8 == 0 else 1, max_compiles=max_batch_compiles)
-    result.update(max_per_chip_batch=best, max_batch_not_fitting=over,
-                  max_batch_compiles=compiled)
-  return result
+        train.peak_bytes if train else needed.get("per_chip_required_bytes"), train is not None,
+        chip.hbm_bytes, step=8 if per_chip % 8 == 0 else 1, max_compiles=max_batch_compiles,
+        progress=progress)
+    figures.update(max_per_chip_batch=best, max_batch_not_fitting=over,
+                   max_batch_compiles=compiled)
+  return Plan(
+      topology=topology, num_slices=num_slices, chip=chip.name, chips=chips,
+      processes=processes, model=config.model, dataset=config.dataset,
+      dtype="bfloat16" if config.half_precision else "float32",
+      memory_efficient=config.memory_efficient, global_batch=batches.train,
+      per_chip_batch=per_chip, eval_per_chip_batch=batches.eval // chips,
+      steps_per_epoch=steps_per_epoch, total_steps=total_steps, hbm_bytes=chip.hbm_bytes,
+      chip_bf16_flops_per_s=chip.bf16_flops_per_s, chip_hbm_bytes_per_s=chip.hbm_bytes_per_s,
+      chip_mxu_width=chip.mxu_width, chip_source=chip.source,
+      fits=train is not None and evaluate is not None, **needed, **figures)
 
 
 def _bytes(n: float) -> str:
@@ -387,54 +618,58 @@ def _duration(s: float) -> str:
   return f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.1f} min" if s >= 60 else f"{s:.2f} s"
 
 
-def report(p: dict[str, Any]) -> str:
+def report(p: Plan) -> str:
   """The plan as the lines a person reads."""
   lines = [
-      f"{p['model']} on {p['topology']}" + (f" x{p['num_slices']} slices" if p["num_slices"] > 1
-                                             else "") +
-      f": {p['chips']} x {p['chip']} chips, {p['processes']} host(s); {p['dtype']}, "
-      f"batch {p['global_batch']} ({p['per_chip_batch']} per chip)"
-      + (", memory_efficient" if p["memory_efficient"] else ""),
+      f"{p.model} on {p.topology}" + (f" x{p.num_slices} slices" if p.num_slices > 1 else "") +
+      f": {p.chips} x {p.chip} chips, {p.processes} host(s); {p.dtype}, "
+      f"batch {p.global_batch} ({p.per_chip_batch} per chip)"
+      + (", memory_efficient" if p.memory_efficient else ""),
       "Per chip (compiler estimates from an ahead-of-time compile, not hardware measurements):",
   ]
-  if "per_chip_peak_bytes" not in p:
-    needed = p.get("per_chip_required_bytes")
+  if p.per_chip_peak_bytes is None:
+    needed = p.per_chip_required_bytes
     lines.append(f"  memory      DOES NOT FIT: the compiler needs "
-                 f"{_bytes(needed) if needed else 'more than'} of {_bytes(p['hbm_bytes'])} HBM "
+                 f"{_bytes(needed) if needed else 'more than'} of {_bytes(p.hbm_bytes)} HBM "
                  f"for the train step")
   else:
     lines += [
-        f"  memory      arguments {_bytes(p['per_chip_argument_bytes'])}, temporaries "
-        f"{_bytes(p['per_chip_temp_bytes'])}, in all {_bytes(p['per_chip_peak_bytes'])} of "
-        f"{_bytes(p['hbm_bytes'])} HBM: {'fits' if p['fits'] else 'DOES NOT FIT'} (headroom "
-        f"{_bytes(p['headroom_bytes'])})" +
-        (f"; eval step {_bytes(p['eval_per_chip_peak_bytes'])}"
-         if "eval_per_chip_peak_bytes" in p else "; eval step DOES NOT FIT"),
-        f"  work        {p['flops_per_step'] / 1e12:.3f} TFLOP and "
-        f"{p['bytes_accessed_per_step'] / 1e9:.2f} GB accessed per step; "
-        f"{p['flops_per_image'] / 1e9:.2f} GFLOP and {p['bytes_accessed_per_image'] / 1e6:.1f} "
-        f"MB per image",
-        f"  roofline    {p['roofline_step_seconds'] * 1e3:.2f} ms per step, bound by "
-        f"{p['bound']} ({p['compute_fraction_of_peak']:.0%} of the bf16 peak): "
-        f"{p['roofline_images_per_s']:,.0f} images/s per chip, "
-        f"{p['roofline_images_per_s_global']:,.0f} in all",
-        f"  run         {p['steps_per_epoch']} steps per epoch, "
-        f"{_duration(p['epoch_seconds'])} per epoch at the roofline; {p['total_steps']} steps: "
-        f"{_duration(p['run_seconds'])}, {p['chip_hours']:,.1f} chip-hours",
-        f"  compile     train step {p['compile_seconds']:.1f} s "
-        f"({p['compile_cpu_seconds']:.0f} CPU-s here)" +
-        (f", eval step {p['eval_compile_seconds']:.1f} s" if "eval_compile_seconds" in p
+        f"  memory      arguments {_bytes(p.per_chip_argument_bytes)}, temporaries "
+        f"{_bytes(p.per_chip_temp_bytes)}, in all {_bytes(p.per_chip_peak_bytes)} of "
+        f"{_bytes(p.hbm_bytes)} HBM: {'fits' if p.fits else 'DOES NOT FIT'} (headroom "
+        f"{_bytes(p.headroom_bytes)})" +
+        (f"; eval step {_bytes(p.eval_per_chip_peak_bytes)}"
+         if p.eval_per_chip_peak_bytes is not None else "; eval step DOES NOT FIT"),
+        f"  work        {p.flops_per_step / 1e12:.3f} TFLOP and "
+        f"{p.bytes_accessed_per_step / 1e9:.2f} GB accessed per step; "
+        f"{p.flops_per_image / 1e9:.2f} GFLOP and {p.bytes_accessed_per_image / 1e6:.1f} "
+        f"MB per image; {p.mxu_flops_per_image / 1e9:.2f} GFLOP per image as the "
+        f"{p.chip_mxu_width}-wide MXU executes the convolutions and dots "
+        f"({p.matmul_flops_per_step / p.mxu_flops_per_step:.0%} of its tiles used)",
+        f"  bounds      compute {p.compute_bound_seconds * 1e3:.2f} ms, MXU-width compute "
+        f"{p.mxu_bound_seconds * 1e3:.2f} ms, HBM bandwidth "
+        f"{p.memory_bound_seconds * 1e3:.2f} ms per step",
+        f"  roofline    {p.roofline_step_seconds * 1e3:.2f} ms per step, bound by "
+        f"{p.bound} ({p.compute_fraction_of_peak:.0%} of the bf16 peak): "
+        f"{p.roofline_images_per_s:,.0f} images/s per chip, "
+        f"{p.roofline_images_per_s_global:,.0f} in all",
+        f"  run         {p.steps_per_epoch} steps per epoch, "
+        f"{_duration(p.epoch_seconds)} per epoch at the roofline; {p.total_steps} steps: "
+        f"{_duration(p.run_seconds)}, {p.chip_hours:,.1f} chip-hours",
+        f"  compile     train step {p.compile_seconds:.1f} s "
+        f"({p.compile_cpu_seconds:.0f} CPU-s here)" +
+        (f", eval step {p.eval_compile_seconds:.1f} s" if p.eval_compile_seconds is not None
          else ""),
     ]
-  if "max_per_chip_batch" in p:
-    over = p["max_batch_not_fitting"]
-    bracket = (f"{over} does not" if over is not None
+  if p.max_batch_compiles is not None:
+    bracket = (f"{p.max_batch_not_fitting} does not" if p.max_batch_not_fitting is not None
                else "no larger batch was tried to fail")
-    lines.append(f"  max batch   {p['max_per_chip_batch']} per chip fits, {bracket} "
-                 f"(compiled: {p['max_batch_compiles']})")
-  lines.append(f"Chip figures: {p['chip_bf16_flops_per_s'] / 1e12:g} TFLOP/s bf16, "
-               f"{p['chip_hbm_bytes_per_s'] / 1e9:g} GB/s HBM, {_bytes(p['hbm_bytes'])} "
-               f"({p['chip_source']}).")
+    lines.append(f"  max batch   {p.max_per_chip_batch} per chip fits, {bracket} "
+                 f"(compiled: {p.max_batch_compiles})" if p.max_per_chip_batch else
+                 f"  max batch   no batch compiled fits (compiled: {p.max_batch_compiles})")
+  lines.append(f"Chip figures: {p.chip_bf16_flops_per_s / 1e12:g} TFLOP/s bf16, "
+               f"{p.chip_hbm_bytes_per_s / 1e9:g} GB/s HBM, {_bytes(p.hbm_bytes)}, "
+               f"{p.chip_mxu_width}-wide MXU ({p.chip_source}).")
   return "\n".join(lines)
 
 
@@ -442,18 +677,17 @@ def main(argv: list[str]) -> None:
   """Plans the configured run on --topology and prints the report (and JSON)."""
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  if FLAGS.config is None:
-    print("error: --config is required, e.g. --config configs/cifar_bc.py.", file=sys.stderr)
-    sys.exit(2)
+  cli.require_config(FLAGS.config)
   try:
     result = plan(FLAGS.config, FLAGS.topology, FLAGS.num_slices, FLAGS.max_batch,
-                  progress=lambda text: print(text, flush=True), hlo_dir=FLAGS.dump_hlo)
+                  progress=lambda text: print(text, flush=True),
+                  max_batch_compiles=FLAGS.max_batch_compiles, hlo_dir=FLAGS.dump_hlo)
   except errors.UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
   print(report(result))
   if FLAGS.json:
-    print(json.dumps(result))
+    print(json.dumps(result.asdict()))
 
 
 if __name__ == "__main__":
