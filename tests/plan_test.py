@@ -254,6 +254,17 @@ def test_max_batch_search_reports_each_compile_and_stops_at_its_bound(monkeypatc
   assert p.max_per_chip_batch is not None and "max batch" in plan.report(p)
 
 
+def test_a_tpu7x_chip_is_its_two_devices(monkeypatch):
+  # libtpu gives each TPU7x TensorCore its own device: 8 devices for the 4 chips of 2x2x1.
+  calls = _fake_compiles(monkeypatch, over=10**9)
+  p = plan.plan(tiny_config(**BIG), "tpu7x:2x2x1", max_batch=False)
+  assert calls == [4096, 64] and p.chips == 4 and p.per_chip_batch == 1024
+  one_device_peak = (1 << 20) + 4096 * 1000  # the stand-in's figures are per device
+  assert p.per_chip_peak_bytes == 2 * one_device_peak and p.flops_per_step == 2e9
+  assert p.mxu_flops_per_step == 4e9 and p.roofline_images_per_s_global == pytest.approx(
+      4 * p.roofline_images_per_s)
+
+
 def _compiled_text(f, *shapes, topology="v5e:1x1"):
   """The optimised HLO of `f` compiled for one chip of `topology`."""
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top

@@ -78,11 +78,14 @@ class Chip:
   hbm_bytes: int
   bf16_flops_per_s: float
   hbm_bytes_per_s: float
-  chip_config: str  # libtpu's name for one device per chip
+  chip_config: str  # libtpu's chip configuration ("megacore": v4/v5p chips as one device)
   dims: int  # a slice's shape: AxB (2-D torus) or AxBxC (3-D)
   pod_chips: int  # the largest slice: one pod
   mxu_width: int  # an MXU multiplies mxu_width x mxu_width tiles
   source: str
+  # JAX devices per chip: TPU7x's two TensorCores are two devices (two programs, each with
+  # half the chip's HBM), the other generations' chips one.
+  devices_per_chip: int = 1
 
 
 GiB = 1 << 30
@@ -98,7 +101,7 @@ CHIPS = {
     "v6e": Chip("TPU v6e (Trillium)", 32 * GiB, 918e12, 1638e9, "default", 2, 256, 256,
                 "https://cloud.google.com/tpu/docs/v6e"),
     "tpu7x": Chip("TPU7x (Ironwood)", 192 * GiB, 2307e12, 7380e9, "default", 3, 9216, 256,
-                  "https://cloud.google.com/tpu/docs/tpu7x"),
+                  "https://cloud.google.com/tpu/docs/tpu7x", devices_per_chip=2),
 }
 # A planner bound on chips over all slices, above the largest published multislice job
 # ("50000+ TPU v5e chips", Google Cloud blog, 2023-11-08): larger numbers are typing errors,
@@ -173,7 +176,7 @@ def check_topology(topology: str, num_slices: int = 1) -> Chip:
 
 
 def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
-  """The chip figures and the devices of a named TPU topology (one device per chip)."""
+  """The chip figures and the devices of a named TPU topology (chip.devices_per_chip a chip)."""
   import importlib.util  # pylint: disable=g-import-not-at-top
   chip = check_topology(topology, num_slices)
   if importlib.util.find_spec("libtpu") is None:
@@ -273,6 +276,17 @@ class StepCost:
   matmul: MatmulFlops
   compile_seconds: float
   compile_cpu_seconds: float
+
+  def times(self, n: int) -> StepCost:
+    """The figures of `n` devices running this step side by side (one chip of n devices)."""
+    if n == 1:
+      return self
+    return dataclasses.replace(
+        self, **{f: getattr(self, f) * n for f in (
+            "argument_bytes", "output_bytes", "alias_bytes", "temp_bytes",
+            "generated_code_bytes", "peak_bytes", "flops", "bytes_accessed")},
+        matmul=MatmulFlops(self.matmul.flops * n, self.matmul.mxu_flops * n,
+                           self.matmul.instructions))
 
 
 class OutOfMemory(Exception):
@@ -530,9 +544,10 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   num_train = split_size(config.dataset, config.train_split)
   num_eval = split_size(config.dataset, config.eval_split, "eval_split")
   chip, devices = tpu_devices(topology, num_slices)
-  chips = len(devices)
+  chips = len(devices) // chip.devices_per_chip
   processes = len({d.process_index for d in devices})
-  batches = validation.batches(config, chips, processes)  # the trainer's own batch errors
+  # the trainer's own batch errors: it splits batches over devices
+  batches = validation.batches(config, len(devices), processes)
   steps_per_epoch, total_steps = validation.run_length(config, num_train)
   if model is None:
     model = step_lib.create_model(config, num_classes, channels, platform="tpu")
@@ -548,13 +563,21 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
     os.makedirs(hlo_dir, exist_ok=True)
     return os.path.join(hlo_dir, f"{name}.hlo.txt")
 
+  def per_chip_cost(step: Any, batch: Any, hlo: str | None) -> StepCost:
+    try:
+      cost = compile_cost(step, state, batch, mxu_width=chip.mxu_width, hlo_path=hlo)
+    except OutOfMemory as e:
+      if e.required_bytes:
+        e.required_bytes *= chip.devices_per_chip
+      raise
+    return cost.times(chip.devices_per_chip)
+
   def train_cost(per_chip: int, hlo: str | None = None) -> StepCost:
     resized = config.copy_and_resolve_references()
     with resized.unlocked():
       resized.batch_size = per_chip * chips
-    return compile_cost(step_lib.make_train_step(model, tx, resized, mesh), state,
-                        step_lib.abstract_batch(mesh, per_chip * chips, image),
-                        mxu_width=chip.mxu_width, hlo_path=hlo)
+    return per_chip_cost(step_lib.make_train_step(model, tx, resized, mesh),
+                         step_lib.abstract_batch(mesh, per_chip * chips, image), hlo)
 
   per_chip = batches.train // chips
   progress(f"Compiling the train step for {topology} ({chips} chips, {per_chip} images per "
@@ -568,9 +591,10 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   progress(f"Compiling the eval step ({batches.eval // chips} images per chip)...")
   evaluate: StepCost | None = None
   try:
-    evaluate = compile_cost(step_lib.make_eval_step(model, mesh), state,
-                            step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True),
-                            mxu_width=chip.mxu_width, hlo_path=hlo_path("eval_step"))
+    evaluate = per_chip_cost(
+        step_lib.make_eval_step(model, mesh),
+        step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True),
+        hlo_path("eval_step"))
   except OutOfMemory as e:
     needed["eval_per_chip_required_bytes"] = e.required_bytes
   figures: dict[str, Any] = {}
@@ -594,7 +618,8 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
     best, over, compiled = largest_fitting_batch(
         lambda b: train_cost(b).peak_bytes, per_chip,
         train.peak_bytes if train else needed.get("per_chip_required_bytes"), train is not None,
-        chip.hbm_bytes, step=8 if per_chip % 8 == 0 else 1, max_compiles=max_batch_compiles,
+        chip.hbm_bytes, step=math.lcm(8 if per_chip % 8 == 0 else 1, chip.devices_per_chip),
+        max_compiles=max_batch_compiles,
         progress=progress)
     figures.update(max_per_chip_batch=best, max_batch_not_fitting=over,
                    max_batch_compiles=compiled)
@@ -646,9 +671,9 @@ def report(p: Plan) -> str:
         f"MB per image; {p.mxu_flops_per_image / 1e9:.2f} GFLOP per image as the "
         f"{p.chip_mxu_width}-wide MXU executes the convolutions and dots "
         f"({p.matmul_flops_per_step / p.mxu_flops_per_step:.0%} of its tiles used)",
-        f"  bounds      compute {p.compute_bound_seconds * 1e3:.2f} ms, MXU-width compute "
-        f"{p.mxu_bound_seconds * 1e3:.2f} ms, HBM bandwidth "
-        f"{p.memory_bound_seconds * 1e3:.2f} ms per step",
+        f"  bounds      compute {p.compute_bound_seconds * 1e3:.3g} ms, MXU-width compute "
+        f"{p.mxu_bound_seconds * 1e3:.3g} ms, HBM bandwidth "
+        f"{p.memory_bound_seconds * 1e3:.3g} ms per step",
         f"  roofline    {p.roofline_step_seconds * 1e3:.2f} ms per step, bound by "
         f"{p.bound} ({p.compute_fraction_of_peak:.0%} of the bf16 peak): "
         f"{p.roofline_images_per_s:,.0f} images/s per chip, "
