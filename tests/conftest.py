@@ -3,8 +3,8 @@
 import importlib.util
 import os
 
-# libtpu (the planner's compiler) is installed for the tests; with no TPU attached, keep every
-# test process and its children on the CPU, without libtpu's start-up warnings on stderr.
+# Where libtpu (the planner's compiler, the `tpu` extra) is installed and no TPU is attached,
+# keep every test process and its children on the CPU, without libtpu's start-up warnings.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
