@@ -335,3 +335,79 @@ def test_a_missing_config_is_one_line(module):
                        timeout=300)
   assert out.returncode == 2
   assert out.stderr.strip() == "error: --config is required, e.g. --config configs/cifar_bc.py."
+
+
+@pytest.mark.parametrize("topology,num_slices", [
+    ("h100:0", 1), ("h100:9", 1), ("h100:2x8x1", 1), ("h100:8", 2), ("a100:0x8", 1)])
+def test_gpu_topologies_are_hosts_of_at_most_eight(topology, num_slices):
+  with pytest.raises(errors.ConfigError, match=f"--topology={topology}") as e:
+    plan.accelerator_devices(topology, num_slices)
+  assert "\n" not in str(e.value)
+  assert plan.check_topology("h200:2x8").name == "NVIDIA H200 SXM"
+
+
+def test_gpu_library_calls_count_as_the_convolutions_and_dots_they_are():
+  # XLA:GPU's HLO: cuDNN's three convolutions of one 3x3 layer (48 -> 12 channels on 8 images
+  # of 8x8; dim_labels describe the forward convolution) and a cuBLAS gemm.
+  text = "\n".join([
+      "ENTRY %main (x: f32[8,8,8,48], w: f32[12,3,3,48], dy: f32[8,8,8,12]) -> f32[] {",
+      "  %x = f32[8,8,8,48]{3,2,1,0} parameter(0)",
+      "  %w = f32[12,3,3,48]{3,2,1,0} parameter(1)",
+      "  %dy = f32[8,8,8,12]{3,2,1,0} parameter(2)",
+      "  %a = bf16[64,100]{1,0} parameter(3)",
+      "  %b = bf16[100,10]{1,0} parameter(4)",
+      '  %f = (f32[8,8,8,12]{3,2,1,0}, u8[0]{0}) custom-call(%x, %w), window={size=3x3 '
+      'pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convForward"',
+      '  %i = (f32[8,8,8,48]{3,2,1,0}, u8[0]{0}) custom-call(%dy, %w), window={size=3x3 '
+      'pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardInput"',
+      '  %k = (f32[12,3,3,48]{3,2,1,0}, u8[0]{0}) custom-call(%x, %dy), window={size=3x3 '
+      'pad=1_1x1_1}, dim_labels=b01f_o01i->b01f, custom_call_target="__cudnn$convBackwardFilter"',
+      '  %g = (bf16[64,10]{1,0}, s8[1024]{0}) custom-call(%a, %b), custom_call_target='
+      '"__cublas$gemm", backend_config={"gemm_backend_config":{"dot_dimension_numbers":'
+      '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"],'
+      '"lhs_batch_dimensions":[],"rhs_batch_dimensions":[]}}}',
+      "  %o = f32[8,8,8,12]{3,2,1,0} get-tuple-element(%f), index=0",
+      "  ROOT %t = (f32[8,8,8,12]{3,2,1,0}) tuple(%o)",
+      "}"])
+  counted = plan.matmul_flops(text)
+  conv = 2 * (8 * 8 * 8) * (3 * 3 * 48) * 12
+  assert counted.instructions == 4
+  assert counted.flops == counted.mxu_flops == 3 * conv + 2 * 64 * 100 * 10
+  x, w, dy = 8 * 8 * 8 * 48 * 4, 12 * 3 * 3 * 48 * 4, 8 * 8 * 8 * 12 * 4
+  a, b, g = 64 * 100 * 2, 100 * 10 * 2, 64 * 10 * 2 + 1024
+  # each call reads its operands and writes its results; parameters, tuples and their
+  # elements move nothing
+  assert plan.hlo_bytes_accessed(text) == (x + w + dy) + (dy + w + x) + (x + dy + w) + (a + b + g)
+
+
+def _gpu_plugin():
+  """Skips unless JAX's CUDA plugin can compile for a GPU here."""
+  try:
+    return plan.gpu_target_config("NVIDIA H100 80GB HBM3")
+  except errors.ConfigError as e:
+    pytest.skip(str(e))
+
+
+@pytest.mark.slow
+def test_gpu_plan_equals_an_independent_deviceless_compile():
+  target = _gpu_plugin()
+  config = tiny_config()
+  p = plan.plan(config, "h100:8", max_batch=False)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  devices = topologies.get_topology_desc(platform="cuda", target_config=target,
+                                         topology="1x1x8").devices
+  mesh = step_lib.make_mesh(list(devices))
+  model = step_lib.create_model(config, 10, 1, platform="cuda")
+  tx = step_lib.create_optimizer(config, step_lib.learning_rate_fn(config, 22, 220))
+  state = step_lib.abstract_train_state(model, tx, (1, 8, 8, 1), mesh, config.seed)
+  compiled = step_lib.make_train_step(model, tx, config, mesh).lower(
+      state, step_lib.abstract_batch(mesh, 64, (8, 8, 1))).compile()
+  memory = compiled.memory_analysis()
+  assert p.chip == "NVIDIA H100 SXM" and p.chips == 8 and p.per_chip_batch == 8 and p.fits
+  assert p.per_chip_temp_bytes == memory.temp_size_in_bytes
+  assert p.per_chip_argument_bytes == memory.argument_size_in_bytes
+  text = compiled.as_text()
+  assert p.flops_per_step == plan.matmul_flops(text).flops > 0
+  assert p.bytes_accessed_per_step == plan.hlo_bytes_accessed(text) > 0
+  assert "optimised HLO" in p.work_source and p.mxu_bound_seconds is None
+  assert p.bound in ("compute", "HBM bandwidth") and "GPU compile" in plan.report(p)

@@ -1,18 +1,23 @@
-"""Plans a run on a TPU slice that is not here: does it fit, how fast can it go, how long to compile.
+"""Plans a run on TPUs or GPUs that are not here: does it fit, how fast, how long to compile.
 
     python -m train.plan --config configs/imagenet_densenet121.py --topology v5e:16x16
     python -m train.plan --config configs/cifar_bc.py --topology v6e:2x2 --json
+    python -m train.plan --config configs/cifar_bc.py --topology h100:8
 
 Compiles, ahead of time on this machine's CPU, exactly the train and eval steps `train.main`
 would run on that topology (same model, optimizer, dtype, sharding, donation and batch per
 chip; `--config.FIELD=VALUE` overrides work as in train.main) and reports, per chip, what the
-TPU compiler says: memory (arguments, temporaries, peak against the chip's HBM), flops and HBM
+compiler says: memory (arguments, temporaries, peak against the chip's HBM), flops and HBM
 bytes accessed per step, and from those a roofline step time against the chip's published peak.
-Every figure is a compiler estimate, not a measurement on hardware. Needs libtpu:
-`pip install -e '.[tpu]'`. No data and no workdir: dataset sizes come from a table of the
-shipped datasets.
+Every figure is a compiler estimate, not a measurement on hardware. No data and no workdir:
+dataset sizes come from a table of the shipped datasets. TPUs need libtpu
+(`pip install -e '.[tpu]'`); NVIDIA GPUs (H100, H200, A100) need JAX's CUDA plugin and CUDA's
+ptxas, nothing that needs a GPU or a driver (`pip install 'jax-cuda12-plugin==JAX_VERSION'
+nvidia-cuda-nvcc-cu12`, about 240 MB). Without a GPU, XLA:GPU has no cost analysis: a GPU
+plan's flops are its convolutions and dots and its bytes each kernel's operands and results,
+counted in the optimised HLO (`work_source` says so).
 
-The roofline is the largest of three lower bounds on a step's time:
+The roofline is the largest of three lower bounds on a step's time (two on GPUs):
   compute      the compiler's flops at the chip's bf16 peak;
   MXU-width    the flops the matrix units execute: every convolution and dot of the optimised
                HLO with its contraction size (input features x window) and its output-feature
@@ -56,8 +61,9 @@ def _define_flags() -> None:
   """The command line's flags (defined only when run as a program: train.main has --config too)."""
   config_flags.DEFINE_config_file("config", None, "A configs/*.py file.", lock_config=True)
   flags.DEFINE_string("topology", "v5e:2x2",
-                      "A TPU slice: GENERATION:SHAPE, e.g. v5e:2x2, v5e:16x16, v6e:4x4, "
-                      "v4:2x2x1, v5p:2x2x1, tpu7x:2x2x1.")
+                      "A TPU slice, GENERATION:SHAPE, e.g. v5e:2x2, v5e:16x16, v6e:4x4, "
+                      "v4:2x2x1, v5p:2x2x1, tpu7x:2x2x1; or GPUs, GENERATION:GPUS or "
+                      ":HOSTSxGPUS, e.g. h100:8, h200:2x8, a100:1.")
   flags.DEFINE_integer("num_slices", 1, "Slices joined by the data-center network (multislice).")
   flags.DEFINE_bool("max_batch", True,
                     "Also search for the largest per-chip batch whose train step fits in HBM "
@@ -81,11 +87,13 @@ class Chip:
   chip_config: str  # libtpu's chip configuration ("megacore": v4/v5p chips as one device)
   dims: int  # a slice's shape: AxB (2-D torus) or AxBxC (3-D)
   pod_chips: int  # the largest slice: one pod
-  mxu_width: int  # an MXU multiplies mxu_width x mxu_width tiles
+  mxu_width: int | None  # an MXU multiplies mxu_width x mxu_width tiles (TPUs)
   source: str
   # JAX devices per chip: TPU7x's two TensorCores are two devices (two programs, each with
   # half the chip's HBM), the other generations' chips one.
   devices_per_chip: int = 1
+  platform: str = "tpu"
+  target: str = ""  # a GPU's name in XLA's target descriptions (device_description_str)
 
 
 GiB = 1 << 30
@@ -102,6 +110,19 @@ CHIPS = {
                 "https://cloud.google.com/tpu/docs/v6e"),
     "tpu7x": Chip("TPU7x (Ironwood)", 192 * GiB, 2307e12, 7380e9, "default", 3, 9216, 256,
                   "https://cloud.google.com/tpu/docs/tpu7x", devices_per_chip=2),
+    # NVIDIA's SXM GPUs, from their datasheets: bf16 dense tensor-core peak (half the figure
+    # "with sparsity"), HBM bandwidth; memory as CUDA reports it (device_memory_size in XLA's
+    # target description of the GPU). A shape is HOSTSxGPUS, at most the 8 GPUs of an HGX board
+    # per host.
+    "h100": Chip("NVIDIA H100 SXM", 84_942_979_072, 989e12, 3350e9, "", 2, 8, None,
+                 "https://www.nvidia.com/en-us/data-center/h100/", platform="cuda",
+                 target="NVIDIA H100 80GB HBM3"),
+    "h200": Chip("NVIDIA H200 SXM", 151_397_597_184, 989e12, 4800e9, "", 2, 8, None,
+                 "https://www.nvidia.com/en-us/data-center/h200/", platform="cuda",
+                 target="NVIDIA H200 141GB HBM3e"),
+    "a100": Chip("NVIDIA A100 SXM4 80GB", 85_100_068_864, 312e12, 2039e9, "", 2, 8, None,
+                 "https://www.nvidia.com/en-us/data-center/a100/", platform="cuda",
+                 target="NVIDIA A100-SXM4-80GB"),
 }
 # A planner bound on chips over all slices, above the largest published multislice job
 # ("50000+ TPU v5e chips", Google Cloud blog, 2023-11-08): larger numbers are typing errors,
@@ -143,20 +164,34 @@ def split_size(dataset: str, split: str, field: str = "train_split") -> int:
   return total
 
 
+def _hosts_and_gpus(topology: str) -> tuple[int, int]:
+  """(hosts, GPUs per host) of GENERATION:GPUS or GENERATION:HOSTSxGPUS (or ...xHOSTSxGPUS)."""
+  sides = [int(s) for s in topology.partition(":")[2].split("x")]
+  return (1, sides[0]) if len(sides) == 1 else (sides[-2], sides[-1])
+
+
 def check_topology(topology: str, num_slices: int = 1) -> Chip:
   """The chip of `topology` if the slice can exist (libtpu dies of SIGFPE on a zero dimension)."""
   generation, _, shape = topology.partition(":")
   if generation not in CHIPS or not shape:
     raise errors.ConfigError(
         f"--topology={topology}: expected GENERATION:SHAPE with GENERATION one of "
-        f"{', '.join(CHIPS)}, e.g. v5e:2x2 or v4:2x2x1.")
+        f"{', '.join(CHIPS)}, e.g. v5e:2x2, v4:2x2x1 or h100:8.")
   chip = CHIPS[generation]
-  example = "2x2" if chip.dims == 2 else "2x2x1"
+  example = "8" if chip.platform == "cuda" else "2x2" if chip.dims == 2 else "2x2x1"
   sides = shape.split("x")
   if not all(re.fullmatch(r"\d+", s) and int(s) > 0 for s in sides):
     raise errors.ConfigError(
         f"--topology={topology}: every dimension must be a positive integer, e.g. "
         f"{generation}:{example}.")
+  if chip.platform == "cuda":
+    hosts, gpus = _hosts_and_gpus(topology)
+    if len(sides) > 2 or gpus > chip.pod_chips or hosts * gpus > MAX_CHIPS or num_slices != 1:
+      raise errors.ConfigError(
+          f"--topology={topology} --num_slices={num_slices}: GPUs are GENERATION:GPUS or "
+          f"GENERATION:HOSTSxGPUS with at most {chip.pod_chips} GPUs per host and "
+          f"{MAX_CHIPS:,} in all, one slice, e.g. {generation}:8 or {generation}:2x8.")
+    return chip
   if len(sides) != chip.dims:
     raise errors.ConfigError(
         f"--topology={topology}: {chip.name} slices are {chip.dims}-D "
@@ -196,6 +231,48 @@ def tpu_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
   return chip, list(topo.devices)
 
 
+def gpu_target_config(name: str) -> str:
+  """XLA's description of the GPU called `name` (a text proto), as JAX's CUDA plugin embeds it.
+
+  The plugin's compiler reads exactly the descriptions it was built with, so they are taken
+  from its own library rather than from a copy that could drift from it.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import mmap  # pylint: disable=g-import-not-at-top
+  plugins = [importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (12, 13)]
+  found = next((p for p in plugins if p is not None and p.origin), None)
+  if found is None:
+    raise errors.ConfigError(
+        "Planning for a GPU needs JAX's CUDA plugin and ptxas (no GPU or driver): pip install "
+        "'jax-cuda12-plugin==JAX_VERSION' nvidia-cuda-nvcc-cu12 (JAX_VERSION: `pip show jax`).")
+  library = os.path.join(os.path.dirname(found.origin), "xla_cuda_plugin.so")
+  with open(library, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+    at = data.find(f'device_description_str: "{name}"\n'.encode())
+    if at < 0:
+      raise errors.ConfigError(f"JAX's CUDA plugin ({library}) has no target description of "
+                               f"{name}: plan with another GPU, or another plugin version.")
+    return data[data.rfind(b"\0", 0, at) + 1:data.find(b"\0", at)].decode()
+
+
+def gpu_devices(topology: str) -> tuple[Chip, list[Any]]:
+  """The GPU figures and the devices of `topology` (GENERATION:GPUS or :HOSTSxGPUS)."""
+  chip = check_topology(topology)
+  hosts, gpus = _hosts_and_gpus(topology)
+  from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+  topo = topologies.get_topology_desc(platform="cuda", target_config=gpu_target_config(
+      chip.target), topology=f"1x{hosts}x{gpus}")  # partitions x hosts x devices per host
+  return chip, list(topo.devices)
+
+
+def accelerator_devices(topology: str, num_slices: int = 1) -> tuple[Chip, list[Any]]:
+  """The chip figures and the devices of a TPU or GPU topology."""
+  chip = CHIPS.get(topology.partition(":")[0])
+  if chip is not None and chip.platform == "cuda":
+    check_topology(topology, num_slices)
+    return gpu_devices(topology)
+  return tpu_devices(topology, num_slices)
+
+
 @dataclasses.dataclass(frozen=True)
 class MatmulFlops:
   """The matrix work of an optimised HLO module: as written, and as the MXU executes it."""
@@ -205,56 +282,136 @@ class MatmulFlops:
   instructions: int
 
 
-_DEFINITION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*\w+\[([\d,]*)\]")
-_OPERANDS = re.compile(r"\b(convolution|dot)\(([^)]*)\)")
+@dataclasses.dataclass(frozen=True)
+class _Instruction:
+  """One instruction of an HLO module's text."""
+
+  name: str
+  shape: str  # its result: an array, or a tuple of them
+  opcode: str
+  operands: list[str]
+  line: str
+  in_entry: bool  # in the ENTRY computation: a kernel or library call of its own
 
 
-def matmul_flops(hlo_text: str, mxu_width: int) -> MatmulFlops:
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(\(.*?\)|\S+)\s+([\w\-]+)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*\w*?)\[([\d,]*)\]")
+_BYTES_PER_ELEMENT = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2,
+                      "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8,
+                      "f64": 8, "c64": 8, "c128": 16}
+
+
+def _instructions(hlo_text: str) -> list[_Instruction]:
+  """Every instruction of `hlo_text` with its operands' names, in order."""
+  found, in_entry = [], False
+  for line in hlo_text.splitlines():
+    if line.startswith("ENTRY"):
+      in_entry = True
+    elif line.startswith("}"):
+      in_entry = False
+    m = _INSTRUCTION.match(line)
+    if not m:
+      continue
+    rest, depth, end = m.group(4), 1, 0
+    for end, char in enumerate(rest):  # the operand list ends at its closing parenthesis
+      depth += (char == "(") - (char == ")")
+      if depth == 0:
+        break
+    found.append(_Instruction(m.group(1), m.group(2), m.group(3),
+                              re.findall(r"%([\w.\-]+)", rest[:end]), line, in_entry))
+  return found
+
+
+def _dims(shape: str) -> list[int]:
+  """The dimensions of an array shape, or of a tuple's first array (a library call's result)."""
+  found = _ARRAY.search(shape)
+  return [int(d) for d in found.group(2).split(",") if d] if found else []
+
+
+def _size(shape: str) -> float:
+  """Bytes of every array in `shape` (f8 types: one byte)."""
+  return sum(math.prod(int(d) for d in dims.split(",") if d) *
+             _BYTES_PER_ELEMENT.get(dtype, 1 if dtype.startswith("f8") else 4)
+             for dtype, dims in _ARRAY.findall(shape))
+
+
+def hlo_bytes_accessed(hlo_text: str) -> float:
+  """HBM bytes of an optimised HLO module: each kernel's operands and results, once per kernel.
+
+  The entry computation's instructions are the kernels and library calls (fusions, cuDNN,
+  cuBLAS, collectives); each reads its operands from and writes its result to device memory,
+  as XLA's own cost analysis counts a fusion. Caches are ignored; bookkeeping instructions
+  (parameters, tuples, bitcasts, the second half of an async pair) move nothing.
+  """
+  sizes: dict[str, float] = {}
+  total = 0.0
+  for ins in _instructions(hlo_text):
+    sizes[ins.name] = _size(ins.shape)
+    if ins.in_entry and ins.opcode not in (
+        "parameter", "constant", "get-tuple-element", "tuple", "bitcast", "opt-barrier",
+        "partition-id", "replica-id", "after-all", "add-dependency") and not ins.opcode.endswith(
+            "-done"):
+      total += sizes[ins.name] + sum(sizes.get(o, 0.0) for o in ins.operands)
+  return total
+
+
+# cuDNN's convolutions in XLA:GPU's HLO: their dim_labels describe the forward convolution
+# (input, filter -> output); the gradients take or give those three arrays in other places.
+_CUDNN = {"__cudnn$convForward": "forward", "__cudnn$convBiasActivationForward": "forward",
+          "__cudnn$convBackwardInput": "input", "__cudnn$convBackwardFilter": "filter"}
+_CUBLAS = ("__cublas$gemm", "__cublas$lt$matmul")
+
+
+def matmul_flops(hlo_text: str, mxu_width: int | None = None) -> MatmulFlops:
   """Sums the convolutions and dots of `hlo_text` (optimised HLO), padded to `mxu_width`.
 
   A convolution `out = conv(lhs, rhs)` with `dim_labels=..._RHS->OUT`: its contraction is the
   rhs input-feature size times the window (every rhs spatial dimension), its output features
   the rhs `o` size (per feature group), its rows every other output element. Dots: contracting
-  dims against the rhs's free dims, per batch. Every computation is counted once (the train
-  and eval steps have no loops).
+  dims against the rhs's free dims, per batch. XLA:GPU's cuDNN convolutions and cuBLAS gemms
+  count as the convolutions and dots they are. Every computation is counted once (the train
+  and eval steps have no loops). Without `mxu_width`, `mxu_flops` equals `flops`.
   """
   shapes: dict[str, list[int]] = {}
   flops = mxu = 0.0
   count = 0
 
   def up(n: int) -> int:
-    return -(-n // mxu_width) * mxu_width
+    return -(-n // mxu_width) * mxu_width if mxu_width else n
 
-  for line in hlo_text.splitlines():
-    defined = _DEFINITION.match(line)
-    if not defined:
-      continue
-    out = [int(d) for d in defined.group(2).split(",") if d]
-    shapes[defined.group(1)] = out
-    op = _OPERANDS.search(line)
-    if not op:
-      continue
-    lhs_name, rhs_name = re.findall(r"%([\w.\-]+)", op.group(2))[:2]
-    lhs, rhs = shapes[lhs_name], shapes[rhs_name]
-    if op.group(1) == "convolution":
-      labels = re.search(r"dim_labels=\w+_(\w+)->(\w+)", line)
+  def dims(key: str, line: str) -> list[int]:  # `key={0,1}` (HLO) or `"key":["0","1"]` (JSON)
+    found = re.search(rf'{key}(?:=\{{|":\[)([\d,"\s]*)', line)
+    return [int(d) for d in re.findall(r"\d+", found.group(1))] if found else []
+
+  for ins in _instructions(hlo_text):
+    out = shapes[ins.name] = _dims(ins.shape)
+    target = re.search(r'custom_call_target="([^"]+)"', ins.line)
+    target = target.group(1) if target and ins.opcode == "custom-call" else None
+    if ins.opcode == "convolution" or target in _CUDNN:
+      lhs, rhs = (shapes[o] for o in ins.operands[:2])
+      role = _CUDNN.get(target, "forward")
+      if role == "input":
+        out, rhs = lhs, rhs  # (output gradient, filter) -> input gradient
+      elif role == "filter":
+        out, rhs = rhs, out  # (input, output gradient) -> filter gradient
+      labels = re.search(r"dim_labels=\w+_(\w+)->(\w+)", ins.line)
       rhs_labels, out_labels = labels.group(1), labels.group(2)
       groups = math.prod(int(g) for g in re.findall(r"(?:feature|batch)_group_count=(\d+)",
-                                                    line)) or 1
+                                                    ins.line)) or 1
       contraction = rhs[rhs_labels.index("i")] * math.prod(
           size for size, label in zip(rhs, rhs_labels) if label.isdigit())
       features = out[out_labels.index("f")]
       rows = math.prod(out) // features
       padded_features = groups * up(features // groups)
-    else:
-      def dims(key: str) -> list[int]:
-        found = re.search(rf"{key}=\{{([\d,]*)\}}", line)
-        return [int(d) for d in found.group(1).split(",") if d] if found else []
-      batch = math.prod(rhs[d] for d in dims("rhs_batch_dims"))
-      contraction = math.prod(rhs[d] for d in dims("rhs_contracting_dims"))
+    elif ins.opcode == "dot" or target in _CUBLAS:
+      lhs, rhs = (shapes[o] for o in ins.operands[:2])
+      batch = math.prod(rhs[d] for d in dims("rhs_batch_dim\\w*", ins.line))
+      contraction = math.prod(rhs[d] for d in dims("rhs_contracting_dim\\w*", ins.line))
       features = math.prod(rhs) // (batch * contraction)
       rows = math.prod(lhs) // contraction  # every lhs row, batch included
       padded_features = up(features)
+    else:
+      continue
     flops += 2.0 * rows * contraction * features
     mxu += 2.0 * rows * up(contraction) * padded_features
     count += 1
@@ -276,6 +433,7 @@ class StepCost:
   matmul: MatmulFlops
   compile_seconds: float
   compile_cpu_seconds: float
+  from_hlo: bool = False  # flops and bytes counted in the HLO (no compiler cost analysis)
 
   def times(self, n: int) -> StepCost:
     """The figures of `n` devices running this step side by side (one chip of n devices)."""
@@ -290,21 +448,24 @@ class StepCost:
 
 
 class OutOfMemory(Exception):
-  """The TPU compiler found no schedule of the step that fits in HBM."""
+  """The step does not fit in HBM: the TPU compiler found no schedule, or it needs more."""
 
-  def __init__(self, message: str):
+  def __init__(self, message: str, required_bytes: float | None = None):
     super().__init__(message)
     found = re.search(r"required for HLO temporaries \(([\d.]+)G\)", message)
-    self.required_bytes = float(found.group(1)) * GiB if found else None
+    self.required_bytes = (required_bytes if required_bytes is not None else
+                           float(found.group(1)) * GiB if found else None)
 
 
-def compile_cost(lowerable: Any, *args: Any, mxu_width: int = 128,
+def compile_cost(lowerable: Any, *args: Any, mxu_width: int | None = 128,
                  hlo_path: str | None = None) -> StepCost:
   """Lowers and compiles `lowerable(*args)` (a jitted function) and reads its analyses.
 
   `hlo_path` receives the optimised HLO (the fusions, shapes and TPU layouts behind the bytes).
   Raises OutOfMemory when the compiler reports that the step cannot fit in the chip's HBM
   (it rematerialises on its own before it gives up, so this is its verdict, not ours).
+  Without a cost analysis (XLA:GPU has none without a GPU), flops are the convolutions' and
+  dots' (matmul_flops) and bytes each kernel's operands and results (hlo_bytes_accessed).
   """
   wall, cpu = time.perf_counter(), time.process_time()
   try:
@@ -312,6 +473,10 @@ def compile_cost(lowerable: Any, *args: Any, mxu_width: int = 128,
   except Exception as e:  # pylint: disable=broad-except
     if "RESOURCE_EXHAUSTED" in str(e) or "HbmOom" in str(e):
       raise OutOfMemory(str(e)) from None
+    if "suitable version of ptxas" in str(e):
+      raise errors.ConfigError(
+          "Compiling for a GPU needs CUDA's ptxas (no GPU or driver): pip install "
+          "nvidia-cuda-nvcc-cu12.") from None
     raise
   wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
   text = compiled.as_text()
@@ -319,8 +484,12 @@ def compile_cost(lowerable: Any, *args: Any, mxu_width: int = 128,
     with open(hlo_path, "w") as f:
       f.write(text)
   memory = compiled.memory_analysis()
-  cost = compiled.cost_analysis() or {}
+  try:
+    cost = compiled.cost_analysis() or {}
+  except Exception:  # pylint: disable=broad-except
+    cost = {}  # XLA:GPU without a GPU: UNIMPLEMENTED
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  matmul = matmul_flops(text, mxu_width)
   components = (memory.argument_size_in_bytes + memory.output_size_in_bytes
                 - memory.alias_size_in_bytes + memory.temp_size_in_bytes
                 + memory.generated_code_size_in_bytes)
@@ -331,24 +500,28 @@ def compile_cost(lowerable: Any, *args: Any, mxu_width: int = 128,
       # What the step holds in HBM: the compiler's `peak_memory_in_bytes` is a heap
       # simulation that can come out below the temporaries alone, so it is not used.
       peak_bytes=components,
-      flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-      matmul=matmul_flops(text, mxu_width), compile_seconds=wall, compile_cpu_seconds=cpu)
+      flops=float(cost["flops"]) if cost else matmul.flops,
+      bytes_accessed=float(cost["bytes accessed"]) if cost else hlo_bytes_accessed(text),
+      matmul=matmul, compile_seconds=wall, compile_cpu_seconds=cpu, from_hlo=not cost)
 
 
 BOUNDS = ("compute", "MXU-width compute", "HBM bandwidth")
 
 
 def bound_seconds(cost: StepCost, chip: Chip) -> dict[str, float]:
-  """The step's three lower bounds on `chip`, by name (BOUNDS): see the module docstring."""
-  return dict(zip(BOUNDS, (cost.flops / chip.bf16_flops_per_s,
-                           cost.matmul.mxu_flops / chip.bf16_flops_per_s,
-                           cost.bytes_accessed / chip.hbm_bytes_per_s)))
+  """The step's lower bounds on `chip`, by name (BOUNDS; the MXU's on TPUs only)."""
+  bounds = dict(zip(BOUNDS, (cost.flops / chip.bf16_flops_per_s,
+                             cost.matmul.mxu_flops / chip.bf16_flops_per_s,
+                             cost.bytes_accessed / chip.hbm_bytes_per_s)))
+  if not chip.mxu_width:
+    del bounds["MXU-width compute"]
+  return bounds
 
 
 def roofline_seconds(cost: StepCost, chip: Chip) -> tuple[float, str]:
   """The step's lower bound on `chip` (the largest of its three) and the name of that bound."""
   bounds = bound_seconds(cost, chip)
-  binding = max(BOUNDS, key=bounds.__getitem__)
+  binding = max(bounds, key=bounds.__getitem__)
   return bounds[binding], binding
 
 
@@ -440,7 +613,7 @@ class Plan:
   hbm_bytes: int
   chip_bf16_flops_per_s: float
   chip_hbm_bytes_per_s: float
-  chip_mxu_width: int
+  chip_mxu_width: int | None  # TPUs only
   chip_source: str
   # Both steps fit in HBM.
   fits: bool
@@ -455,6 +628,7 @@ class Plan:
   headroom_bytes: int | None = None
   flops_per_step: float | None = None
   bytes_accessed_per_step: float | None = None
+  work_source: str | None = None  # where flops and bytes accessed come from
   matmul_flops_per_step: float | None = None  # convolutions and dots, from the HLO
   mxu_flops_per_step: float | None = None  # the same padded to the MXU width
   flops_per_image: float | None = None
@@ -487,7 +661,7 @@ class Plan:
   max_per_chip_batch: int | None = None
   max_batch_not_fitting: int | None = None
   max_batch_compiles: list[int] | None = None
-  estimate: str = "compiler estimates (ahead-of-time TPU compile), not hardware measurements"
+  estimate: str = "compiler estimates (ahead-of-time compile), not hardware measurements"
 
   def asdict(self) -> dict[str, Any]:
     """Every field by name: the planner's --json object."""
@@ -510,11 +684,15 @@ def _train_figures(train: StepCost, evaluate: StepCost | None, chip: Chip, per_c
       headroom_bytes=chip.hbm_bytes - max(train.peak_bytes,
                                           evaluate.peak_bytes if evaluate else 0),
       flops_per_step=train.flops, bytes_accessed_per_step=train.bytes_accessed,
-      matmul_flops_per_step=train.matmul.flops, mxu_flops_per_step=train.matmul.mxu_flops,
+      work_source=("the optimised HLO: convolutions and dots (elementwise work left out), "
+                   "each kernel's operands and results" if train.from_hlo
+                   else "the compiler's cost analysis"),
+      matmul_flops_per_step=train.matmul.flops,
+      mxu_flops_per_step=train.matmul.mxu_flops if chip.mxu_width else None,
       flops_per_image=train.flops / per_chip,
       bytes_accessed_per_image=train.bytes_accessed / per_chip,
-      mxu_flops_per_image=train.matmul.mxu_flops / per_chip,
-      compute_bound_seconds=bounds["compute"], mxu_bound_seconds=bounds["MXU-width compute"],
+      mxu_flops_per_image=train.matmul.mxu_flops / per_chip if chip.mxu_width else None,
+      compute_bound_seconds=bounds["compute"], mxu_bound_seconds=bounds.get("MXU-width compute"),
       memory_bound_seconds=bounds["HBM bandwidth"],
       roofline_step_seconds=step_seconds, bound=bound,
       roofline_images_per_s=per_chip / step_seconds,
@@ -543,14 +721,14 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   _, num_classes, channels = DATASETS[config.dataset]
   num_train = split_size(config.dataset, config.train_split)
   num_eval = split_size(config.dataset, config.eval_split, "eval_split")
-  chip, devices = tpu_devices(topology, num_slices)
+  chip, devices = accelerator_devices(topology, num_slices)
   chips = len(devices) // chip.devices_per_chip
   processes = len({d.process_index for d in devices})
   # the trainer's own batch errors: it splits batches over devices
   batches = validation.batches(config, len(devices), processes)
   steps_per_epoch, total_steps = validation.run_length(config, num_train)
   if model is None:
-    model = step_lib.create_model(config, num_classes, channels, platform="tpu")
+    model = step_lib.create_model(config, num_classes, channels, platform=chip.platform)
   tx = step_lib.create_optimizer(
       config, step_lib.learning_rate_fn(config, steps_per_epoch, total_steps))
   mesh = step_lib.make_mesh(devices)
@@ -570,7 +748,10 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
       if e.required_bytes:
         e.required_bytes *= chip.devices_per_chip
       raise
-    return cost.times(chip.devices_per_chip)
+    cost = cost.times(chip.devices_per_chip)
+    if cost.peak_bytes > chip.hbm_bytes:  # XLA:GPU compiles steps of any size
+      raise OutOfMemory(f"{cost.peak_bytes} bytes", required_bytes=cost.peak_bytes)
+    return cost
 
   def train_cost(per_chip: int, hlo: str | None = None) -> StepCost:
     resized = config.copy_and_resolve_references()
@@ -603,7 +784,7 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
                    eval_per_chip_temp_bytes=evaluate.temp_bytes,
                    eval_flops_per_step=evaluate.flops,
                    eval_bytes_accessed_per_step=evaluate.bytes_accessed,
-                   eval_mxu_flops_per_step=evaluate.matmul.mxu_flops,
+                   eval_mxu_flops_per_step=evaluate.matmul.mxu_flops if chip.mxu_width else None,
                    eval_compile_seconds=evaluate.compile_seconds,
                    eval_compile_cpu_seconds=evaluate.compile_cpu_seconds)
   if train is not None:
@@ -632,6 +813,8 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
       steps_per_epoch=steps_per_epoch, total_steps=total_steps, hbm_bytes=chip.hbm_bytes,
       chip_bf16_flops_per_s=chip.bf16_flops_per_s, chip_hbm_bytes_per_s=chip.hbm_bytes_per_s,
       chip_mxu_width=chip.mxu_width, chip_source=chip.source,
+      estimate=f"compiler estimates (ahead-of-time {'GPU' if chip.platform == 'cuda' else 'TPU'} "
+               f"compile), not hardware measurements",
       fits=train is not None and evaluate is not None, **needed, **figures)
 
 
@@ -650,7 +833,7 @@ def report(p: Plan) -> str:
       f": {p.chips} x {p.chip} chips, {p.processes} host(s); {p.dtype}, "
       f"batch {p.global_batch} ({p.per_chip_batch} per chip)"
       + (", memory_efficient" if p.memory_efficient else ""),
-      "Per chip (compiler estimates from an ahead-of-time compile, not hardware measurements):",
+      f"Per chip, {p.estimate}:",
   ]
   if p.per_chip_peak_bytes is None:
     needed = p.per_chip_required_bytes
@@ -668,12 +851,15 @@ def report(p: Plan) -> str:
         f"  work        {p.flops_per_step / 1e12:.3f} TFLOP and "
         f"{p.bytes_accessed_per_step / 1e9:.2f} GB accessed per step; "
         f"{p.flops_per_image / 1e9:.2f} GFLOP and {p.bytes_accessed_per_image / 1e6:.1f} "
-        f"MB per image; {p.mxu_flops_per_image / 1e9:.2f} GFLOP per image as the "
-        f"{p.chip_mxu_width}-wide MXU executes the convolutions and dots "
-        f"({p.matmul_flops_per_step / p.mxu_flops_per_step:.0%} of its tiles used)",
-        f"  bounds      compute {p.compute_bound_seconds * 1e3:.3g} ms, MXU-width compute "
-        f"{p.mxu_bound_seconds * 1e3:.3g} ms, HBM bandwidth "
-        f"{p.memory_bound_seconds * 1e3:.3g} ms per step",
+        f"MB per image, from {p.work_source}" +
+        (f"; {p.mxu_flops_per_image / 1e9:.2f} GFLOP per image as the {p.chip_mxu_width}-wide "
+         f"MXU executes the convolutions and dots "
+         f"({p.matmul_flops_per_step / p.mxu_flops_per_step:.0%} of its tiles used)"
+         if p.mxu_flops_per_step else ""),
+        f"  bounds      compute {p.compute_bound_seconds * 1e3:.3g} ms, " +
+        (f"MXU-width compute {p.mxu_bound_seconds * 1e3:.3g} ms, "
+         if p.mxu_bound_seconds is not None else "") +
+        f"HBM bandwidth {p.memory_bound_seconds * 1e3:.3g} ms per step",
         f"  roofline    {p.roofline_step_seconds * 1e3:.2f} ms per step, bound by "
         f"{p.bound} ({p.compute_fraction_of_peak:.0%} of the bf16 peak): "
         f"{p.roofline_images_per_s:,.0f} images/s per chip, "
@@ -693,8 +879,9 @@ def report(p: Plan) -> str:
                  f"(compiled: {p.max_batch_compiles})" if p.max_per_chip_batch else
                  f"  max batch   no batch compiled fits (compiled: {p.max_batch_compiles})")
   lines.append(f"Chip figures: {p.chip_bf16_flops_per_s / 1e12:g} TFLOP/s bf16, "
-               f"{p.chip_hbm_bytes_per_s / 1e9:g} GB/s HBM, {_bytes(p.hbm_bytes)}, "
-               f"{p.chip_mxu_width}-wide MXU ({p.chip_source}).")
+               f"{p.chip_hbm_bytes_per_s / 1e9:g} GB/s HBM, {_bytes(p.hbm_bytes)}"
+               + (f", {p.chip_mxu_width}-wide MXU" if p.chip_mxu_width else "") +
+               f" ({p.chip_source}).")
   return "\n".join(lines)
 
 
