@@ -218,14 +218,18 @@ def test_tampered_file_is_refused_and_nothing_is_cached(server, cache, weights, 
 
 
 def test_dead_mirror_gives_one_clear_message_and_the_manual_route_works(
-    server, cache, weights, monkeypatch, capsys):
+    server, cache, weights, monkeypatch, capsys, tmp_path):
+  from PIL import Image
+
   flat, data = weights
+  image = tmp_path / "x.png"  # predict reads its images before it loads (downloads) weights
+  Image.new("RGB", (4, 4)).save(image)
   with socket.socket() as s:  # a port with nothing listening
     s.bind(("127.0.0.1", 0))
     dead = f"http://127.0.0.1:{s.getsockname()[1]}/mirror"
   source = register(monkeypatch, "https://download.invalid/models/published.safetensors", data)
   monkeypatch.setenv(hub.MIRROR_ENV, dead + "/")
-  assert predict.main(["--weights", NAME, __file__]) == 1  # a run-time failure
+  assert predict.main(["--weights", NAME, str(image)]) == 1  # a run-time failure
   err = capsys.readouterr().err
   target = cache / "downloads" / FILE
   assert err.startswith(f"predict: error: Cannot download 'tiny' from {dead}/{FILE}: ")

@@ -19,6 +19,7 @@ the fresh entry takes its place, and the run says so once.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pathlib
@@ -82,18 +83,18 @@ class CheckedCache(CacheInterface):
       partial.write_bytes(_seal(key, value))
       os.replace(partial, self._file(key))
     except OSError:  # a read-only or full cache still serves what it holds
-      partial.unlink(missing_ok=True)
+      with contextlib.suppress(OSError):
+        partial.unlink(missing_ok=True)
 
   def clear(self) -> None:
     """Removes every entry."""
     for entry in self._path.glob(f"*{_SUFFIX}"):
-      entry.unlink(missing_ok=True)
+      with contextlib.suppress(OSError):
+        entry.unlink(missing_ok=True)
 
   def _discard(self, key: str) -> None:
-    try:
+    with contextlib.suppress(OSError):  # read-only: a miss at every launch, still correct
       self._file(key).unlink(missing_ok=True)
-    except OSError:
-      pass  # read-only: the entry stays a miss, compiled every time, which is still correct
     if not self._reported:
       self._reported = True
       logging.warning("The compilation cache %s held a damaged entry (or another program's); "
