@@ -1,6 +1,7 @@
 """Ctrl-C: the first checkpoints the step reached and exits 130 with one line; a second stops at
 once without invalidating the newest committed checkpoint; neither prints a traceback. SIGHUP
-(a closed terminal) and SIGQUIT (after a dump of every thread's stack) checkpoint as SIGTERM does."""
+(a closed terminal) and SIGQUIT (after a dump of every thread's stack) checkpoint as SIGTERM
+does."""
 
 import fcntl
 import io
