@@ -4,7 +4,8 @@
 counterpart does (tests/reference_test.py), and which of them a backend gets is one table,
 `densenet_jax.backends`. `BatchNorm` normalises a block's concatenated maps from moments computed
 once per map (`DenseFeatures`); `Conv` runs 1x1 kernels as matmuls where that is faster; the
-initialisers compile quickly whatever JAX's threefry setting.
+initialisers compile quickly whatever JAX's threefry setting. The dense block as one buffer is
+`densenet_jax.buffer`.
 """
 
 from __future__ import annotations
@@ -18,8 +19,6 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from densenet_jax import backends
-
 Array = jax.Array
 ModuleDef = Any
 
@@ -27,9 +26,8 @@ ModuleDef = Any
 def quick_to_compile(init: nn.initializers.Initializer) -> nn.initializers.Initializer:
   """`init` drawing its numbers with the non-partitionable threefry, whatever JAX's default.
 
-  The partitionable threefry (JAX's default) unrolls into HLO that XLA:CPU compiles ~10x
-  slower: `jax.jit(model.init)` of DenseNet-BC-100 took 151 s against 15 s (27.6 s for the
-  same model's forward and backward). A DenseNet's parameters are replicated, not sharded, when
+  The partitionable threefry (JAX's default) unrolls into HLO that XLA:CPU compiles about ten
+  times slower (docs/performance.md). A DenseNet's parameters are replicated, not sharded, when
   they are initialised, so partitionability buys nothing here.
   """
 
@@ -51,23 +49,22 @@ def _pair(v: int | Sequence[int]) -> tuple[int, ...]:
 class Conv(nn.Conv):
   """nn.Conv with torchvision's defaults (no bias, He-normal init); 1x1 kernels as matmuls.
 
-  The matmul computes the same contraction with the same `kernel` parameter; it is used where
-  the backend's fast path says it is faster (densenet_jax.backends), or as `matmul_1x1` forces.
+  The matmul computes the same contraction with the same `kernel` parameter; `DenseNet` sets
+  `matmul_1x1` where the backend's fast path says it is faster (densenet_jax.backends).
   """
 
   use_bias: bool = False
   kernel_init: Callable[..., Array] = he_normal
-  matmul_1x1: bool | None = None  # None: backends.fast_path() decides
+  matmul_1x1: bool = False
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
     """Convolves NHWC `x` with an HWIO kernel."""
-    as_matmul = backends.fast_path().matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1
     pointwise = (_pair(self.kernel_size) == (1, 1) and _pair(self.strides) == (1, 1)
                  and self.padding in ("SAME", "VALID", 0) and self.feature_group_count == 1
                  and _pair(self.input_dilation or 1) == (1, 1) and self.mask is None
                  and not self.use_bias)
-    if not (as_matmul and pointwise):
+    if not (self.matmul_1x1 and pointwise):
       return super().__call__(x)
     kernel = self.param("kernel", self.kernel_init, (1, 1, x.shape[-1], self.features),
                         self.param_dtype)
@@ -88,6 +85,11 @@ def batch_moments(x: Array) -> Array:
   return jnp.stack([jnp.mean(x, axis=(0, 1, 2)), jnp.mean(jnp.square(x), axis=(0, 1, 2))])
 
 
+def shares_moments(norm: ModuleDef, train: bool) -> bool:
+  """Whether a dense block computes each map's moments once for `norm` (a training BatchNorm)."""
+  return train and issubclass(module_class(norm), BatchNorm)
+
+
 @flax.struct.dataclass
 class DenseFeatures:
   """A dense block's feature maps so far and, when a `BatchNorm` will read them, their moments.
@@ -97,32 +99,20 @@ class DenseFeatures:
   map's (mean, mean of squares) once, when it is appended, replaces every layer re-reducing
   its whole concatenated input -- O(L) reductions per block instead of O(L^2). `BatchNorm`
   normalises a `DenseFeatures` from these moments; other norms read `concat()`.
-
-  With `group` set, new maps are concatenated onto the last map until it holds `group`
-  channels: a TPU pads the channel (lane) dimension of every array to 128, so a k=12 map
-  alone occupies (and moves) 128 channels, while a group of ten such maps fills one tile.
   """
 
   maps: tuple[Array, ...]
   moments: tuple[Array, ...] | None  # one (2, C_i) per map; None when nothing reads them
-  group: int = flax.struct.field(pytree_node=False, default=0)  # 0: one array per map
 
   @classmethod
-  def start(cls, x: Array, norm: ModuleDef, train: bool,
-            group: int = 0) -> DenseFeatures:
+  def start(cls, x: Array, norm: ModuleDef, train: bool) -> DenseFeatures:
     """The block input as the first map; moments are kept when training with a `BatchNorm`."""
-    shared = train and issubclass(module_class(norm), BatchNorm)
-    return cls((x,), (batch_moments(x),) if shared else None, group)
+    return cls((x,), (batch_moments(x),) if shares_moments(norm, train) else None)
 
   def append(self, y: Array) -> DenseFeatures:
     """These maps followed by `y` (and its moments, if moments are kept)."""
     moments = None if self.moments is None else (*self.moments, batch_moments(y))
-    maps = (*self.maps, y)
-    if self.group and self.maps[-1].shape[-1] + y.shape[-1] <= self.group:
-      maps = (*self.maps[:-1], jnp.concatenate(self.maps[-1:] + (y,), axis=-1))
-      if moments is not None:
-        moments = (*moments[:-2], jnp.concatenate(moments[-2:], axis=-1))
-    return DenseFeatures(maps, moments, self.group)
+    return DenseFeatures((*self.maps, y), moments)
 
   def concat(self) -> Array:
     """The maps concatenated along channels."""

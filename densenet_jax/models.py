@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from densenet_jax import backends, layers
+from densenet_jax import backends, buffer, layers
 # The fast-path layers, re-exported: `models.Conv`, `models.BatchNorm`, ... as before.
 from densenet_jax.layers import BatchNorm, Conv, DenseFeatures, he_normal, quick_to_compile
 
@@ -38,7 +38,12 @@ STEMS = ("cifar", "imagenet")
 
 
 class DenseLayer(nn.Module):
-  """H_l: [norm-act-Conv1x1(bn_size*k)]-norm-act-Conv3x3(k) of the concatenated inputs."""
+  """H_l: [norm-act-Conv1x1(bn_size*k)]-norm-act-Conv3x3(k) of the concatenated inputs.
+
+  `head` (norm1-act-conv1) reads the earlier maps, `tail` (norm2-act-conv2, the bottleneck's
+  second half) only the head's output: the one-buffer block (`densenet_jax.buffer`)
+  differentiates them separately.
+  """
 
   growth_rate: int
   bn_size: int | None  # None: the basic layer without bottleneck
@@ -48,32 +53,46 @@ class DenseLayer(nn.Module):
   norm: ModuleDef
   act: Callable[[Array], Array]
 
-  @nn.compact
+  def setup(self) -> None:
+    bottleneck = self.bn_size is not None
+    self.norm1 = self.norm()
+    self.conv1 = self.conv(self.bn_size * self.growth_rate if bottleneck else self.growth_rate,
+                           (1, 1) if bottleneck else (3, 3))
+    if bottleneck:
+      self.norm2 = self.norm()
+      self.conv2 = self.conv(self.growth_rate, (3, 3))
+    if self.drop_rate > 0.0:
+      self.dropout = nn.Dropout(self.drop_rate)
+
   def __call__(self, inputs: DenseFeatures, train: bool) -> Array:
     """The k new feature maps from all earlier ones."""
+    return self.tail(self.head(inputs, train), train)
+
+  def head(self, inputs: DenseFeatures, train: bool) -> Array:
+    """norm1-act-conv1 of the concatenated inputs (torchvision's `bn_function`): the 1x1
+    bottleneck, or a basic layer's only (3x3) convolution."""
     bn_function = DenseLayer.bn_function
     if self.memory_efficient:
       # Pleiss et al. 2017: the concat-norm-act output is the only tensor that grows with the
       # layer index; recomputing it in the backward pass makes memory linear in depth.
       bn_function = nn.remat(bn_function)
-    y = self._dropout(bn_function(self, inputs), train)
-    if self.bn_size is not None:
-      y = self.act(self.norm(name="norm2")(y))
-      y = self._dropout(self.conv(self.growth_rate, (3, 3), name="conv2")(y), train)
-    return y
+    return self._dropout(bn_function(self, inputs), train)
 
   def bn_function(self, inputs: DenseFeatures) -> Array:
-    """norm1-act-conv1 of the concatenated inputs (torchvision's `bn_function`): the 1x1
-    bottleneck, or a basic layer's only (3x3) convolution."""
-    bottleneck = self.bn_size is not None
-    width = self.bn_size * self.growth_rate if bottleneck else self.growth_rate
-    x = self.norm(name="norm1")(inputs if inputs.moments is not None else inputs.concat())
-    return self.conv(width, (1, 1) if bottleneck else (3, 3), name="conv1")(self.act(x))
+    """conv1(act(norm1(inputs)))."""
+    return self.conv1(self.act(self.norm1(
+        inputs if inputs.moments is not None else inputs.concat())))
+
+  def tail(self, x: Array, train: bool) -> Array:
+    """norm2-act-conv2 of the bottleneck's output (the identity in a basic layer)."""
+    if self.bn_size is None:
+      return x
+    return self._dropout(self.conv2(self.act(self.norm2(x))), train)
 
   def _dropout(self, x: Array, train: bool) -> Array:
     if self.drop_rate == 0.0:
       return x
-    return nn.Dropout(self.drop_rate, deterministic=not train)(x)
+    return self.dropout(x, deterministic=not train)
 
 
 class DenseBlock(nn.Module):
@@ -88,23 +107,45 @@ class DenseBlock(nn.Module):
   norm: ModuleDef
   act: Callable[[Array], Array]
   layer_barrier: bool = False
-  channel_group: int = 0  # 0: one array per map
+  buffer: bool = False  # one buffer and a custom backward pass (densenet_jax.buffer)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
     """Maps m0 channels to m0 + num_layers * growth_rate channels."""
-    features = DenseFeatures.start(x, self.norm, train, self.channel_group)
+    if self.buffer and not self.is_initializing():
+      return self._buffered(x, train)
+    features = DenseFeatures.start(x, self.norm, train)
     for i in range(self.num_layers):
       if self.layer_barrier:
         # The barrier's transpose is a barrier on the gradients: each map's gradient is then
         # accumulated layer by layer. Without it, XLA:CPU sums it over all later layers in
         # one fusion that keeps every later layer's input gradient alive (O(L^2) memory).
         features = jax.lax.optimization_barrier(features)
-      layer = DenseLayer(growth_rate=self.growth_rate, bn_size=self.bn_size,
-                         drop_rate=self.drop_rate, memory_efficient=self.memory_efficient,
-                         conv=self.conv, norm=self.norm, act=self.act, name=f"denselayer{i + 1}")
-      features = features.append(layer(features, train))
+      features = features.append(self._layer(name=f"denselayer{i + 1}")(features, train))
     return features.concat()
+
+  def _layer(self, **kwargs: Any) -> DenseLayer:
+    options = dict(growth_rate=self.growth_rate, bn_size=self.bn_size, drop_rate=self.drop_rate,
+                   memory_efficient=self.memory_efficient, conv=self.conv, norm=self.norm,
+                   act=self.act)
+    return DenseLayer(**(options | kwargs))
+
+  def _buffered(self, x: Array, train: bool) -> Array:
+    """The same block computed by `buffer.dense_block`, on this block's variables."""
+    names = [f"denselayer{i + 1}" for i in range(self.num_layers)]
+    variables = [{col: tree[name] for col, tree in self.variables.items() if name in tree}
+                 for name in names]
+    dropout = train and self.drop_rate > 0.0
+    rngs = [self.make_rng("dropout") if dropout else None for _ in names]
+    mutable = train and self.is_mutable_collection("batch_stats")
+    y, stats = buffer.dense_block(
+        [self._layer(memory_efficient=False, parent=None) for _ in names], x, variables, rngs,
+        train, mutable, layers.shares_moments(self.norm, train),
+        keep_bottlenecks=not self.memory_efficient)
+    for name, updates in zip(names, stats):
+      if updates:
+        self.put_variable("batch_stats", name, updates)
+    return y
 
 
 class Transition(nn.Module):
@@ -156,11 +197,13 @@ class DenseNet(nn.Module):
       bn_momentum and bn_axis_name, unless its partial sets them (nn.BatchNorm and
       nn.GroupNorm work; only `BatchNorm` shares moments within a block).
     act: the activation after every norm.
-    matmul_1x1: run 1x1 convolutions as matmuls (None: the backend's fast path decides).
-    layer_barrier: an optimization barrier before every dense layer (None: the backend's
-      fast path decides; densenet_jax.backends says why each backend wants it or not).
-    channel_group: keep a block's new maps concatenated in groups of up to this many channels
-      (0: one array per map; None: the backend's fast path decides).
+    matmul_1x1: run 1x1 convolutions as matmuls.
+    layer_barrier: an optimization barrier before every dense layer of a concatenating block.
+    block_buffer: each dense block's maps in one buffer with a custom backward pass
+      (densenet_jax.buffer); `memory_efficient` then also recomputes each bottleneck.
+    For these three, None (the default) takes the choice of the platform the model is compiled
+    for (densenet_jax.backends says why each backend wants what), also when that platform is
+    not the one this Python process runs on (ahead-of-time compilation for a TPU or GPU).
   """
 
   growth_rate: int = 32
@@ -184,7 +227,7 @@ class DenseNet(nn.Module):
   act: Callable[[Array], Array] = nn.relu
   matmul_1x1: bool | None = None
   layer_barrier: bool | None = None
-  channel_group: int | None = None
+  block_buffer: bool | None = None
 
   def __post_init__(self) -> None:
     _check_config(self)
@@ -233,13 +276,16 @@ class DenseNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array | dict[str, Array]:
     """Logits (N, num_classes), pooled features if num_classes == 0, or stage maps."""
     self._check_input(x)
-    fast = backends.fast_path()
+    open_choices = {k for k, v in backends.FAST_PATHS["cpu"].model_choices().items()
+                    if getattr(self, k) is None}
+    if open_choices and not self.is_initializing():
+      return self._per_platform(x, train, open_choices)
+    # Initialising creates the same variables whatever the choices: take the host's.
+    choices = {k: v if getattr(self, k) is None else getattr(self, k)
+               for k, v in backends.fast_path().model_choices().items()}
     conv = layers.configure(
         self.conv, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
-        kernel_init=he_normal,
-        matmul_1x1=fast.matmul_1x1 if self.matmul_1x1 is None else self.matmul_1x1)
-    layer_barrier = fast.layer_barrier if self.layer_barrier is None else self.layer_barrier
-    group = fast.channel_group if self.channel_group is None else self.channel_group
+        kernel_init=he_normal, matmul_1x1=choices["matmul_1x1"])
     norm_options = dict(dtype=self.dtype, param_dtype=self.param_dtype, epsilon=self.bn_epsilon)
     if "use_running_average" in layers.fields(self.norm):  # batch statistics, not per example
       norm_options |= dict(use_running_average=not train, momentum=self.bn_momentum,
@@ -261,8 +307,8 @@ class DenseNet(nn.Module):
     for i, num_layers in enumerate(self.block_config):
       x = DenseBlock(num_layers=num_layers, growth_rate=self.growth_rate, bn_size=self.bn_size,
                      drop_rate=self.drop_rate, memory_efficient=self.memory_efficient, conv=conv,
-                     norm=norm, act=act, layer_barrier=layer_barrier, channel_group=group,
-                     name=f"denseblock{i + 1}")(x, train)
+                     norm=norm, act=act, layer_barrier=choices["layer_barrier"],
+                     buffer=choices["block_buffer"], name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
         x = Transition(out_channels=channels[i][1], drop_rate=self.drop_rate, conv=conv,
@@ -276,6 +322,50 @@ class DenseNet(nn.Module):
     return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype,
                     kernel_init=quick_to_compile(nn.initializers.lecun_normal()),
                     bias_init=nn.initializers.zeros, name="classifier")(x)
+
+  def _per_platform(self, x: Array, train: bool,
+                    open_choices: set[str]) -> Array | dict[str, Array]:
+    """This model with the open choices of the platform it is compiled for.
+
+    `jax.lax.platform_dependent` traces one copy of the model per distinct set of choices and
+    keeps, when lowering, only the copy of the target platform: a model compiled ahead of time
+    for a TPU from a CPU host gets the TPU's choices (`jax.default_backend()` would give the
+    host's).
+    """
+    mutable = self.scope.mutable
+    rng = self.make_rng("dropout") if train and self.drop_rate > 0.0 else None
+
+    def with_choices(choices: dict[str, bool]) -> Callable[..., Any]:
+      model = self.clone(parent=None, **{k: choices[k] for k in open_choices})
+
+      def run(variables: Any, x: Array, rng: Array | None) -> Any:
+        return model.apply(variables, x, train, mutable=mutable,
+                           rngs={} if rng is None else {"dropout": rng})
+
+      return run
+
+    # One branch per distinct set of choices (each is traced); platforms whose choices are the
+    # GPU's take the default branch, which any platform not named in the table also takes.
+    def key(kind: str) -> tuple[bool, ...]:
+      choices = backends.FAST_PATHS[kind].model_choices()
+      return tuple(choices[k] for k in sorted(open_choices))
+
+    default = with_choices(backends.FAST_PATHS["gpu"].model_choices())
+    branches: dict[tuple[bool, ...], Callable[..., Any]] = {key("gpu"): default}
+    per_platform = {}
+    for kind, fast in backends.FAST_PATHS.items():
+      branch = branches.setdefault(key(kind), with_choices(fast.model_choices()))
+      if branch is not default:
+        per_platform |= {platform: branch for platform in backends.PLATFORMS[kind]}
+    out = jax.lax.platform_dependent(dict(self.variables), x, rng, default=default,
+                                     **per_platform)
+    if mutable is False:
+      return out
+    out, updates = out
+    for col, tree in updates.items():
+      for name, value in tree.items():
+        self.put_variable(col, name, value)
+    return out
 
   def _check_input(self, x: Array) -> None:
     shape = tuple(x.shape)

@@ -30,15 +30,24 @@ CASES = {
                                                    memory_efficient=True),
     "bc_convolutions_not_matmuls": dict(depth=22, growth_rate=4, num_classes=5,
                                         conv=functools.partial(models.Conv, matmul_1x1=False)),
-    # the TPU fast path (densenet_jax.backends): no per-layer barrier, 1x1 convolutions, maps
-    # grouped (here 3 maps of k=4 per group, the stem's 8 channels alone)
+    # the accelerator fast path (densenet_jax.backends): no per-layer barrier, 1x1
+    # convolutions, each block as one buffer with its custom backward pass
     "bc_accelerator_fast_path": dict(depth=22, growth_rate=4, num_classes=5, matmul_1x1=False,
-                                     layer_barrier=False, channel_group=12),
+                                     layer_barrier=False, block_buffer=True),
     "bc_accelerator_fast_path_memory_efficient": dict(
         depth=22, growth_rate=4, num_classes=5, matmul_1x1=False, layer_barrier=False,
-        channel_group=12, memory_efficient=True),
+        block_buffer=True, memory_efficient=True),
+    "bc_buffer_plain_flax_modules": dict(depth=22, growth_rate=4, num_classes=5,
+                                         norm=nn.BatchNorm, conv=nn.Conv, block_buffer=True),
+    "basic_buffer": dict(depth=13, growth_rate=6, bottleneck=False, num_classes=5,
+                         block_buffer=True),
+    "basic_buffer_memory_efficient": dict(depth=13, growth_rate=6, bottleneck=False,
+                                          num_classes=5, block_buffer=True,
+                                          memory_efficient=True),
+    "bc_concatenating_blocks": dict(depth=22, growth_rate=4, num_classes=5, block_buffer=False),
 }
-IMAGENET = {"imagenet": {}, "imagenet_plain_flax_modules": dict(norm=nn.BatchNorm, conv=nn.Conv)}
+IMAGENET = {"imagenet": {}, "imagenet_plain_flax_modules": dict(norm=nn.BatchNorm, conv=nn.Conv),
+            "imagenet_buffer": dict(block_buffer=True)}
 
 
 def _models(case):

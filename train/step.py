@@ -51,14 +51,14 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
 def create_model(config: ml_collections.ConfigDict, num_classes: int, channels: int,
                  platform: str | None = None, bn_epsilon: float | None = None
                  ) -> models.DenseNet:
-  """The configured preset with the dataset's classes/channels, the run's numerics, the fast
-  path of `platform` (default: JAX's default backend) and the BatchNorm epsilon of the weights
-  it starts from (Keras' differs from torchvision's), unless the overrides set them."""
-  fast = backends.fast_path(platform)
+  """The configured preset with the dataset's classes/channels, the run's numerics and the
+  BatchNorm epsilon of the weights it starts from (Keras' differs from torchvision's), unless
+  the overrides set them. The model takes the fast path of the platform it is compiled for,
+  or of `platform` where one is given (a comparison of the backends' choices)."""
   overrides = dict(config.model_overrides)
-  overrides.setdefault("matmul_1x1", fast.matmul_1x1)
-  overrides.setdefault("layer_barrier", fast.layer_barrier)
-  overrides.setdefault("channel_group", fast.channel_group)
+  if platform is not None:
+    for name, value in backends.fast_path(platform).model_choices().items():
+      overrides.setdefault(name, value)
   overrides.setdefault("num_classes", num_classes)
   overrides.setdefault("in_channels", channels)
   if bn_epsilon is not None:
