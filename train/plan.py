@@ -457,6 +457,12 @@ class OutOfMemory(Exception):
                            float(found.group(1)) * GiB if found else None)
 
 
+def _cpu_seconds() -> float:
+  """CPU time of this process and its finished children (XLA:GPU runs ptxas once per kernel)."""
+  used = os.times()
+  return used.user + used.system + used.children_user + used.children_system
+
+
 def compile_cost(lowerable: Any, *args: Any, mxu_width: int | None = 128,
                  hlo_path: str | None = None) -> StepCost:
   """Lowers and compiles `lowerable(*args)` (a jitted function) and reads its analyses.
@@ -467,7 +473,7 @@ def compile_cost(lowerable: Any, *args: Any, mxu_width: int | None = 128,
   Without a cost analysis (XLA:GPU has none without a GPU), flops are the convolutions' and
   dots' (matmul_flops) and bytes each kernel's operands and results (hlo_bytes_accessed).
   """
-  wall, cpu = time.perf_counter(), time.process_time()
+  wall, cpu = time.perf_counter(), _cpu_seconds()
   try:
     compiled = lowerable.lower(*args).compile()
   except Exception as e:  # pylint: disable=broad-except
@@ -478,7 +484,7 @@ def compile_cost(lowerable: Any, *args: Any, mxu_width: int | None = 128,
           "Compiling for a GPU needs CUDA's ptxas (no GPU or driver): pip install "
           "nvidia-cuda-nvcc-cu12.") from None
     raise
-  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  wall, cpu = time.perf_counter() - wall, _cpu_seconds() - cpu
   text = compiled.as_text()
   if hlo_path:
     with open(hlo_path, "w") as f:
@@ -592,7 +598,8 @@ def largest_fitting_batch(fits_at: Callable[[int], float | None], batch: int,
 @dataclasses.dataclass(frozen=True)
 class Plan:
   """One run planned on one topology: figures per chip unless named global; None where the
-  step they describe did not fit (or, for the max_batch fields, no search was asked for)."""
+  step they describe did not fit, where the chip has no such unit (the MXU fields on GPUs), or,
+  for the max_batch fields, where no search was asked for."""
 
   # The run, as the trainer would lay it out.
   topology: str
