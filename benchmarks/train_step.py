@@ -83,7 +83,8 @@ def measure(model_name: str, batch: int, dtype: str = "float32", memory_efficien
   # Training FLOPs ~ 6 x forward MACs per image: forward 2 x MACs, backward twice the forward.
   gflop = 6 * summary.forward_macs(model.clone(dtype=jnp.float32), (1, *shape[1:])) / 1e9
   row = {"bench": "train_step", "model": model_name, "batch": batch, "image": size,
-         "dtype": dtype, "memory_efficient": memory_efficient, "backend": jax.default_backend(),
+         "dtype": dtype, "memory_efficient": memory_efficient,
+         "block_buffer": overrides.get("block_buffer", "auto"), "backend": jax.default_backend(),
          "devices": jax.device_count(), "xla_flags": os.environ.get("XLA_FLAGS", ""),
          "compile_s": round(compile_s, 2), "steps": steps, **_common.timing(times, batch),
          "gflop_per_img": round(gflop, 3),
@@ -106,8 +107,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   p.add_argument("--warmup", type=int, default=2, help="untimed steps after compiling")
   p.add_argument("--image-size", type=int, default=None, help="default: the preset's")
   p.add_argument("--block-config", default=None, help="e.g. 1,1,1 (tiny smoke-test nets)")
+  p.add_argument("--block-buffer", choices=("auto", "on", "off"), default="auto",
+                 help="each dense block as one buffer (densenet_jax.buffer); auto: the backend's")
   args = p.parse_args(argv)
   overrides = {}
+  if args.block_buffer != "auto":
+    overrides["block_buffer"] = args.block_buffer == "on"
   if args.block_config:
     overrides["block_config"] = tuple(int(n) for n in args.block_config.split(","))
   row = measure(args.model, args.batch, args.dtype, args.memory_efficient, args.steps,

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
-from densenet_jax import layers, models
+from densenet_jax import layers, models, summary
 
 
 def block(buffer, norm=layers.BatchNorm, bn_size=4, memory_efficient=False, drop_rate=0.0,
@@ -120,3 +120,25 @@ def test_each_layer_reads_a_prefix_of_one_buffer_and_concatenates_nothing():
   assert channels.search(text[False])
   assert not channels.search(text[True])
   assert text[True].count("dynamic_update_slice") >= 2 * 4  # each map written, each gradient added
+
+
+def test_the_choices_follow_the_platform_the_model_is_compiled_for():
+  pytest.importorskip("libtpu")
+  from jax.experimental.topologies import get_topology_desc  # pylint: disable=g-import-not-at-top
+  from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+  model = models.densenet_cifar(depth=10, growth_rate=4, num_classes=5)  # choices left open
+  x = jnp.zeros((2, 8, 8, 3))
+  v = model.init(jax.random.key(0), x)
+  step = jax.jit(jax.grad(lambda p, bs, x: summary.train_loss(model, p, bs, x, jnp.zeros(2, int))[0]))
+  on_host = step.lower(v["params"], v["batch_stats"], x).as_text()
+  tpu = get_topology_desc("v5e:1x1", "tpu").devices
+  replicated = NamedSharding(Mesh(np.asarray(tpu), ("d",)), P())
+  as_tpu = jax.tree_util.tree_map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+      (v["params"], v["batch_stats"], x))
+  for_tpu = step.lower(*as_tpu).as_text()
+  # the host (CPU) keeps a barrier per dense layer and concatenates; the TPU's one-buffer block
+  # writes each map into its block's buffer
+  channels = re.compile(r"stablehlo\.concatenate .*dim = 3")
+  assert "optimization_barrier" in on_host and channels.search(on_host)
+  assert "optimization_barrier" not in for_tpu and not channels.search(for_tpu)
