@@ -1,9 +1,9 @@
-"""The train step on a TPU that is not here: the planner's per-chip figures for one model variant.
+"""The train step on a TPU or GPU that is not here: the planner's figures for one model variant.
 
-Compiles, ahead of time for a TPU topology (`train.plan`, needs libtpu), the trainer's train
-and eval steps for a config with one of these models and prints one JSON row:
+Compiles, ahead of time for a TPU or GPU topology (`train.plan`: libtpu, or JAX's CUDA plugin),
+the trainer's train and eval steps for a config with one of these models and prints one JSON row:
 
-  shipped      the model as the trainer builds it for a TPU (densenet_jax.backends' "tpu" path)
+  shipped      the model as the trainer builds it for the topology (densenet_jax.backends)
   cpu_choices  the same preset with the CPU fast path (per-layer barrier, 1x1 as matmul)
   textbook     the textbook DenseNet the equivalence tests hold the library to
                (tests/reference_densenet.py: concatenate, nn.BatchNorm, nn.Conv)
@@ -12,7 +12,8 @@ and eval steps for a config with one of these models and prints one JSON row:
     python benchmarks/accelerator_plan.py --config cifar_bc --variant textbook --dump-hlo /tmp/h
 
 Every figure is a compiler estimate (memory, flops, HBM bytes accessed), exact for the compiled
-program and independent of this machine's load; compile seconds are this machine's.
+program and independent of this machine's load (on GPUs flops and bytes are counted in the
+optimised HLO: see train/plan.py); compile seconds are this machine's.
 """
 
 from __future__ import annotations
@@ -32,15 +33,16 @@ from train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-
 VARIANTS = ("shipped", "cpu_choices", "textbook")
 
 
-def build_model(config, variant: str):
-  """The variant's model for `config`'s dataset, or None for the trainer's own (shipped)."""
+def build_model(config, variant: str, platform: str = "tpu"):
+  """The variant's model for `config`'s dataset on `platform` ("tpu" or "cuda"), or None for the
+  trainer's own (shipped)."""
   _, classes, channels = plan_lib.DATASETS[config.dataset]
   if variant == "shipped":
     return None
   if variant == "cpu_choices":
     return step_lib.create_model(config, classes, channels, platform="cpu")
   from reference_densenet import ReferenceDenseNet  # pylint: disable=g-import-not-at-top
-  return ReferenceDenseNet(step_lib.create_model(config, classes, channels, platform="tpu"))
+  return ReferenceDenseNet(step_lib.create_model(config, classes, channels, platform=platform))
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -57,7 +59,9 @@ def main(argv: list[str] | None = None) -> dict:
   config.memory_efficient = args.memory_efficient
   start = time.time()
   row = plan_lib.plan(config, args.topology, max_batch=False,
-                      model=build_model(config, args.variant), hlo_dir=args.dump_hlo).asdict()
+                      model=build_model(config, args.variant,
+                                        plan_lib.check_topology(args.topology).platform),
+                      hlo_dir=args.dump_hlo).asdict()
   row.update(bench="accelerator_plan", config=args.config, variant=args.variant,
              wall_s=time.time() - start)
   print(json.dumps(row), flush=True)
