@@ -1,5 +1,6 @@
 """Runs two real train steps on a fixed global batch and saves the result (device count from
-XLA_FLAGS); tests compare runs with different device counts."""
+XLA_FLAGS; dense blocks concatenating or as one buffer, from argv); tests compare runs with
+different device counts and block forms."""
 
 import sys
 
@@ -11,9 +12,9 @@ from configs import default
 from train import step as train
 
 
-def main(out_path: str) -> None:
+def main(out_path: str, block_buffer: str) -> None:
   config = default.get_config()
-  config.model_overrides = {"depth": 10, "growth_rate": 4}
+  config.model_overrides = {"depth": 10, "growth_rate": 4, "block_buffer": block_buffer == "buffer"}
   config.sync_batchnorm = True
   config.seed = 3
   model = train.create_model(config, num_classes=10, channels=3)
@@ -35,4 +36,4 @@ def main(out_path: str) -> None:
 
 
 if __name__ == "__main__":
-  main(sys.argv[1])
+  main(sys.argv[1], sys.argv[2])

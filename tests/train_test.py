@@ -140,18 +140,20 @@ def test_divergence_stops_before_checkpointing_garbage(tmp_path, tiny_cifar10):
       assert np.all(np.isfinite(leaf))
 
 
-def _run_worker(tmp_path, devices):
-  out = tmp_path / f"step_{devices}.npz"
+def _run_worker(tmp_path, devices, block="concatenating"):
+  out = tmp_path / f"step_{devices}_{block}.npz"
   env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              PYTHONPATH=str(REPO))
-  subprocess.run([sys.executable, str(REPO / "tests" / "_step_worker.py"), str(out)],
+  subprocess.run([sys.executable, str(REPO / "tests" / "_step_worker.py"), str(out), block],
                  check=True, env=env, cwd=REPO, timeout=600)
   return dict(np.load(out))
 
 
 @pytest.mark.slow
-def test_eight_device_step_equals_one_device_step(tmp_path):
-  one, eight = _run_worker(tmp_path, 1), _run_worker(tmp_path, 8)
+@pytest.mark.parametrize("block", ["concatenating", "buffer"])
+def test_eight_device_step_equals_one_device_step(tmp_path, block):
+  # the one-buffer block's custom VJP inside shard_map, against the 1-device concatenating step
+  one, eight = _run_worker(tmp_path, 1), _run_worker(tmp_path, 8, block)
   assert one.pop("devices") == 1 and eight.pop("devices") == 8
   assert one.keys() == eight.keys()
   worst = max(float(np.max(np.abs(one[k] - eight[k]) / (np.abs(one[k]) + 1e-3))) for k in one)
