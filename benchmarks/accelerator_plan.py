@@ -3,10 +3,11 @@
 Compiles, ahead of time for a TPU or GPU topology (`train.plan`: libtpu, or JAX's CUDA plugin),
 the trainer's train and eval steps for a config with one of these models and prints one JSON row:
 
-  shipped      the model as the trainer builds it for the topology (densenet_jax.backends)
-  cpu_choices  the same preset with the CPU fast path (per-layer barrier, 1x1 as matmul)
-  textbook     the textbook DenseNet the equivalence tests hold the library to
-               (tests/reference_densenet.py: concatenate, nn.BatchNorm, nn.Conv)
+  shipped        the model as the trainer builds it for the topology (densenet_jax.backends)
+  concatenating  the same with concatenating dense blocks (`block_buffer=False`)
+  cpu_choices    the same preset with the CPU fast path (per-layer barrier, 1x1 as matmul)
+  textbook       the textbook DenseNet the equivalence tests hold the library to
+                 (tests/reference_densenet.py: concatenate, nn.BatchNorm, nn.Conv)
 
     python benchmarks/accelerator_plan.py --config imagenet_densenet121 --topology v5e:2x2
     python benchmarks/accelerator_plan.py --config cifar_bc --variant textbook --dump-hlo /tmp/h
@@ -30,7 +31,7 @@ sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "test
 from train import plan as plan_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 from train import step as step_lib  # pylint: disable=g-import-not-at-top,wrong-import-position
 
-VARIANTS = ("shipped", "cpu_choices", "textbook")
+VARIANTS = ("shipped", "concatenating", "cpu_choices", "textbook")
 
 
 def build_model(config, variant: str, platform: str = "tpu"):
@@ -39,8 +40,10 @@ def build_model(config, variant: str, platform: str = "tpu"):
   _, classes, channels = plan_lib.DATASETS[config.dataset]
   if variant == "shipped":
     return None
-  if variant == "cpu_choices":
-    return step_lib.create_model(config, classes, channels, platform="cpu")
+  if variant in ("cpu_choices", "concatenating"):
+    model = step_lib.create_model(config, classes, channels,
+                                  platform="cpu" if variant == "cpu_choices" else platform)
+    return model.clone(block_buffer=False)
   from reference_densenet import ReferenceDenseNet  # pylint: disable=g-import-not-at-top
   return ReferenceDenseNet(step_lib.create_model(config, classes, channels, platform=platform))
 

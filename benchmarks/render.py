@@ -41,7 +41,8 @@ def load_col(r: dict) -> str:
 def render(results: str) -> str:
   """The text of RESULTS.md."""
   steps = load(results, "train_step", "train_step",
-               lambda r: (r["model"], r["batch"], r["dtype"], r["memory_efficient"]))
+               lambda r: (r["model"], r["batch"], r["dtype"], r["memory_efficient"],
+                          r.get("block_buffer", "auto")))
   torch = load(results, "peers_torch", "peer", lambda r: (r["model"], r["mode"]))
   keras = load(results, "peers_keras", "peer", lambda r: r["model"])
   memory = load(results, "memory", "memory", lambda r: (r["set"], r["model"], r["batch"]))
@@ -68,6 +69,7 @@ def render(results: str) -> str:
       "Nesterov 0.9 + weight decay 1e-4, synthetic batch, median of 10 steps after compiling. "
       "GFLOP/s counts 6 × forward MACs per image.", "",
       *table([col("model"), col("batch"), col("dtype"), col("memory_efficient"),
+              ("block_buffer", lambda r: r.get("block_buffer", "auto")),
               col("compile_s", "compile s"), col("step_ms", "step ms"), col("img_per_s", "img/s"),
               col("img_per_s_best", "img/s best"), col("gflops", "GFLOP/s"),
               col("temp_mib", "temp MiB"), ("load", load_col), col("measured")], steps), "",
@@ -124,7 +126,9 @@ def render(results: str) -> str:
           "`memory_analysis()` and `cost_analysis()`, exact for the compiled program and not "
           "measurements on hardware. Roofline: max(flops / bf16 peak, bytes / HBM bandwidth) "
           "per step, with the chip figures cited in `train/plan.py`. `shipped`: the model as the "
-          "trainer builds it for a TPU; `cpu_choices`: the same with the CPU fast path; "
+          "trainer builds it for a TPU (one-buffer dense blocks since 2026-12-07; the earlier "
+          "`shipped` rows, concatenating blocks, are kept as `concatenating`); `concatenating`: "
+          "the same with `block_buffer=False`; `cpu_choices`: the same with the CPU fast path; "
           "`textbook`: tests/reference_densenet.py. Compile CPU-s are this machine's.", "",
           *table([col("model"), col("topology"), col("variant"), col("dtype"),
                   col("memory_efficient"), col("per_chip_batch", "batch/chip"),

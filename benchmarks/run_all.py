@@ -45,7 +45,7 @@ TORCH_COMPILE = [("bc100", 64, "compile_nchw"), ("bc100", 64, "compile_channels_
 # The shipped configs on TPU: ours as built for a TPU, with the CPU choices, and the textbook
 # model (the compiles take ~2-7 CPU-minutes each; not part of the default timings).
 ACCELERATOR = ([(c, t, v, False) for c in ("imagenet_densenet121", "cifar_bc")
-                for t in ("v5e:2x2", "v6e:2x2") for v in ("shipped", "textbook")] +
+                for t in ("v5e:2x2", "v6e:2x2") for v in ("shipped", "concatenating", "textbook")] +
                [(c, "v5e:2x2", "cpu_choices", False) for c in ("imagenet_densenet121", "cifar_bc")] +
                [(c, "v5e:2x2", "shipped", True) for c in ("imagenet_densenet121", "cifar_bc")])
 
