@@ -64,8 +64,10 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("case,train", [
+    ("bottleneck", True),
+    *(pytest.param(c, t, marks=pytest.mark.slow) for c in CASES for t in (True, False)
+      if (c, t) != ("bottleneck", True))])
 def test_custom_vjp_equals_autodiff_of_the_concatenating_block_in_float64(case, train):
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 5), jnp.float64)
@@ -78,6 +80,7 @@ def test_custom_vjp_equals_autodiff_of_the_concatenating_block_in_float64(case, 
     assert float(jnp.abs(want[2][1]).max()) > 1e-3  # the input gradient is not trivially 0
 
 
+@pytest.mark.slow
 def test_custom_vjp_with_dropout_equals_finite_differences():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (3, 5, 5, 4), jnp.float64)
@@ -96,6 +99,7 @@ def test_custom_vjp_with_dropout_equals_finite_differences():
     assert not np.allclose(y1, y2)
 
 
+@pytest.mark.slow
 def test_synchronised_batchnorm_under_vmap_equals_the_concatenating_block():
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (2, 3, 6, 6, 5), jnp.float64)
