@@ -244,10 +244,9 @@ class DenseNet(nn.Module):
     """`nn.Module.init`, compiled as one program.
 
     Run eagerly, init dispatches the forward pass op by op and XLA compiles each of its ~1,000
-    differently shaped ops (DenseNet-BC-100: 38 s at load 4); as one program the forward is dead
-    code and only the initialisers are compiled (about 6 s on 2 quiet cores, half the compile of
-    its training step; benchmarks/init_compile.py). Non-array arguments (e.g. `train`) stay
-    static.
+    differently shaped ops; as one program the forward is dead code and only the initialisers
+    are compiled (benchmarks/init_compile.py times both). Non-array arguments (e.g. `train`)
+    stay static.
     """
     static = tuple(i + 1 for i, a in enumerate(args)
                    if not isinstance(a, (jax.Array, np.ndarray, jax.ShapeDtypeStruct)))
