@@ -88,10 +88,11 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
   growth = [layer.growth_rate for layer in layers]
   offsets = [c0 + sum(growth[:i]) for i in range(len(layers) + 1)]
 
-  def features(buf: Array, moments: Array | None, width: int) -> DenseFeatures:
-    prefix = jax.lax.slice_in_dim(buf, 0, width, axis=-1)
-    return DenseFeatures((prefix,), None if moments is None
-                         else (jax.lax.slice_in_dim(moments, 0, width, axis=-1),))
+  def channels(a: Array | None, lo: int, hi: int) -> Array | None:
+    return None if a is None else jax.lax.slice_in_dim(a, lo, hi, axis=-1)
+
+  def features(prefix: Array, prefix_moments: Array | None) -> DenseFeatures:
+    return DenseFeatures((prefix,), None if prefix_moments is None else (prefix_moments,))
 
   def head(i: int, v: Any, feats: DenseFeatures, rng: Array | None) -> tuple[Array, Any]:
     return _apply(layers[i], type(layers[i]).head, v, feats, train, mutable, rng)
@@ -106,7 +107,8 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
       moments = jnp.pad(batch_moments(x), [(0, 0), (0, offsets[-1] - c0)])
     bottlenecks, stats = [], []  # head outputs; each layer's updated statistics
     for i in range(len(layers)):
-      z, head_stats = head(i, variables[i], features(buf, moments, offsets[i]), rngs[i])
+      feats = features(channels(buf, 0, offsets[i]), channels(moments, 0, offsets[i]))
+      z, head_stats = head(i, variables[i], feats, rngs[i])
       # the tail starts from the head's updated statistics and returns all of the layer's
       y, layer_stats = tail(i, {**variables[i], "batch_stats": head_stats} if mutable
                             else variables[i], z, rngs[i])
@@ -134,16 +136,21 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
     grad, _ = cotangents  # the statistics are not differentiable (stop_gradient below)
     grad_moments = None if moments is None else jnp.zeros_like(moments)
     grad_variables = [None] * len(layers)
+
+    def map_grad(lo: int, hi: int) -> Array:
+      """The whole gradient of channels [lo, hi): as read, and through their moments."""
+      g = channels(grad, lo, hi)
+      if moments is None:
+        return g
+      _, moments_vjp = jax.vjp(batch_moments, channels(buf, lo, hi))
+      return g + moments_vjp(channels(grad_moments, lo, hi))[0]
+
     for i in reversed(range(len(layers))):
       lo, hi = offsets[i], offsets[i + 1]
-      gy = jax.lax.slice_in_dim(grad, lo, hi, axis=-1)
-      if moments is not None:  # the map's moments feed every later layer's norm1
-        _, moments_vjp = jax.vjp(batch_moments, jax.lax.slice_in_dim(buf, lo, hi, axis=-1))
-        gy = gy + moments_vjp(jax.lax.slice_in_dim(grad_moments, lo, hi, axis=-1))[0]
+      gy = map_grad(lo, hi)
 
       def head_output(v: Any, prefix: Array, prefix_moments: Array | None, i: int = i) -> Array:
-        feats = DenseFeatures((prefix,), None if prefix_moments is None else (prefix_moments,))
-        return head(i, v, feats, rngs[i])[0]
+        return head(i, v, features(prefix, prefix_moments), rngs[i])[0]
 
       grad_tail = None
       if saved is not None:
@@ -153,20 +160,15 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
       else:
         def recomputed(v: Any, prefix: Array, prefix_moments: Array | None, i: int = i) -> Array:
           return tail(i, v, head_output(v, prefix, prefix_moments), rngs[i])[0]
-      feats = features(buf, moments, lo)
-      _, layer_vjp = jax.vjp(recomputed, variables[i], feats.maps[0],
-                             None if moments is None else feats.moments[0])
+      _, layer_vjp = jax.vjp(recomputed, variables[i], channels(buf, 0, lo),
+                             channels(moments, 0, lo))
       grad_variables[i], grad_prefix, grad_prefix_moments = layer_vjp(gy)
       if grad_tail is not None:
         grad_variables[i] = jax.tree_util.tree_map(jnp.add, grad_variables[i], grad_tail)
       grad = _add_prefix(grad, grad_prefix)
       if moments is not None:
         grad_moments = _add_prefix(grad_moments, grad_prefix_moments)
-    gx = jax.lax.slice_in_dim(grad, 0, c0, axis=-1)
-    if moments is not None:
-      _, moments_vjp = jax.vjp(batch_moments, jax.lax.slice_in_dim(buf, 0, c0, axis=-1))
-      gx = gx + moments_vjp(jax.lax.slice_in_dim(grad_moments, 0, c0, axis=-1))[0]
-    return gx, grad_variables, [None] * len(rngs)
+    return map_grad(0, c0), grad_variables, [None] * len(rngs)
 
   block.defvjp(block_fwd, block_bwd)
   buf, stats = block(x, _vary_like(list(variables), x), list(rngs))
@@ -175,6 +177,5 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
 
 def _add_prefix(buf: Array, update: Array) -> Array:
   """`buf` with `update` added to its first channels, in place when `buf` is dead after."""
-  width = update.shape[-1]
-  prefix = jax.lax.slice_in_dim(buf, 0, width, axis=-1)
+  prefix = jax.lax.slice_in_dim(buf, 0, update.shape[-1], axis=-1)
   return jax.lax.dynamic_update_slice_in_dim(buf, prefix + update.astype(buf.dtype), 0, axis=-1)
