@@ -203,6 +203,18 @@ def test_cli_rejects_bad_values_in_one_line_before_writing(tmp_path, flag):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("path,says", [("missing.npz", "No such weight file"),
+                                       (".", "is a directory, not a weight file")])
+def test_cli_init_from_a_path_that_is_no_weight_file_is_one_line(tmp_path, path, says):
+  result = subprocess.run(_cli(tmp_path / "run", tmp_path / "tfds",
+                               f"--config.init_from={tmp_path / path}"),
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+  assert result.returncode == 1, result.stderr
+  assert result.stderr.startswith("error: --config.init_from:") and says in result.stderr
+  assert "Traceback" not in result.stderr and result.stderr.count("\n") == 1, result.stderr
+
+
+@pytest.mark.slow
 def test_cli_run_longer_than_an_int32_counts_is_one_line_before_writing(tmp_path):
   workdir = tmp_path / "run"
   result = subprocess.run(_cli(workdir, tmp_path / "tfds", "--config.num_epochs=2147483647"),

@@ -122,7 +122,10 @@ def prepare(config: ml_collections.ConfigDict, workdir: epath.Path) -> Run:
   steps_per_epoch, total_steps = validation.run_length(config, info.num_train)
   weights = None
   if config.init_from:  # read once: its BatchNorm epsilon builds the model, its arrays start it
-    _, variables, meta = pretrained.load_with_metadata(config.init_from)
+    try:
+      _, variables, meta = pretrained.load_with_metadata(config.init_from)
+    except OSError as e:  # a missing file, a directory: the reader's message names the path
+      raise errors.ConfigError(f"--config.init_from: {e}") from e
     weights = (variables, meta)
   try:
     model = create_model(config, info.num_classes, info.channels,
