@@ -120,11 +120,13 @@ def render(results: str) -> str:
                   col("first_batch_s", "first batch s"), ("load", load_col), col("measured")],
                  resumes), ""]
   gib = lambda key: lambda r: r[key] / 2**30 if key in r else "does not fit"
-  out += ["## Train step on TPU (compiler estimates)", "",
+  out += ["## Train step on TPU and GPU (compiler estimates)", "",
           "`accelerator_plan.py`: the trainer's train step compiled ahead of time for a TPU slice "
-          "by `python -m train.plan` (libtpu, no TPU): per-chip figures from the TPU compiler's "
-          "`memory_analysis()` and `cost_analysis()`, exact for the compiled program and not "
-          "measurements on hardware. Roofline: max(flops / bf16 peak, bytes / HBM bandwidth) "
+          "or GPU node by `python -m train.plan` (libtpu or JAX's CUDA plugin, no TPU or GPU): "
+          "per-chip figures from the TPU compiler's `memory_analysis()` and `cost_analysis()`, "
+          "exact for the compiled program and not measurements on hardware; on GPUs (`h100`) "
+          "memory from the compiler and flops and bytes counted in the optimised HLO (each "
+          "kernel's operands and results; train/plan.py). Roofline: max(flops / bf16 peak, bytes / HBM bandwidth) "
           "per step, with the chip figures cited in `train/plan.py`. `shipped`: the model as the "
           "trainer builds it for a TPU (one-buffer dense blocks since 2026-12-07; the earlier "
           "`shipped` rows, concatenating blocks, are kept as `concatenating`); `concatenating`: "
