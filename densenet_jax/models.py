@@ -275,13 +275,12 @@ class DenseNet(nn.Module):
   def __call__(self, x: Array, train: bool = False) -> Array | dict[str, Array]:
     """Logits (N, num_classes), pooled features if num_classes == 0, or stage maps."""
     self._check_input(x)
-    open_choices = {k for k, v in backends.FAST_PATHS["cpu"].model_choices().items()
-                    if getattr(self, k) is None}
+    host = backends.fast_path().model_choices()
+    open_choices = {k for k in host if getattr(self, k) is None}
     if open_choices and not self.is_initializing():
       return self._per_platform(x, train, open_choices)
     # Initialising creates the same variables whatever the choices: take the host's.
-    choices = {k: v if getattr(self, k) is None else getattr(self, k)
-               for k, v in backends.fast_path().model_choices().items()}
+    choices = {k: host[k] if k in open_choices else getattr(self, k) for k in host}
     conv = layers.configure(
         self.conv, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
         kernel_init=he_normal, matmul_1x1=choices["matmul_1x1"])
