@@ -43,34 +43,6 @@ def _apply(layer: nn.Module, method: Callable[..., Array], variables: Any, x: An
   return y, updates.get("batch_stats", {})
 
 
-def _vary_like(tree: Any, x: Array) -> Any:
-  """`tree` marked as varying over every manual mesh axis `x` varies over (inside shard_map).
-
-  A custom VJP must return each cotangent with its input's type; a replicated parameter's
-  gradient computed from a device's batch slice varies over the mesh. Cast here, the parameter
-  enters as varying, and the cast's transpose sums its gradient over the mesh, as autodiff of the
-  concatenating block does implicitly.
-  """
-  def varying(v: Any) -> frozenset:
-    t = jax.typeof(v)
-    mat = getattr(t, "mat", None)  # JAX >= 0.12; earlier releases call it `vma`
-    return frozenset(mat.varying if mat is not None else getattr(t, "vma", ()))
-
-  axes = varying(x)
-  if not axes:
-    return tree
-
-  def cast(leaf: Array) -> Array:
-    missing = tuple(sorted(axes - varying(leaf)))
-    if not missing:
-      return leaf
-    if hasattr(jax.lax, "pcast"):
-      return jax.lax.pcast(leaf, missing, to="varying")
-    return jax.lax.pvary(leaf, missing)
-
-  return jax.tree_util.tree_map(cast, tree)
-
-
 def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
                 rngs: Sequence[Array | None], train: bool, mutable: bool, shared_moments: bool,
                 keep_bottlenecks: bool) -> tuple[Array, list[Any]]:
@@ -171,7 +143,7 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
     return map_grad(0, c0), grad_variables, [None] * len(rngs)
 
   block.defvjp(block_fwd, block_bwd)
-  buf, stats = block(x, _vary_like(list(variables), x), list(rngs))
+  buf, stats = block(x, list(variables), list(rngs))
   return buf, jax.lax.stop_gradient(stats)
 
 
