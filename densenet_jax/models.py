@@ -344,17 +344,18 @@ class DenseNet(nn.Module):
 
     # One branch per distinct set of choices (each is traced); platforms whose choices are the
     # GPU's take the default branch, which any platform not named in the table also takes.
-    def key(kind: str) -> tuple[bool, ...]:
-      choices = backends.FAST_PATHS[kind].model_choices()
-      return tuple(choices[k] for k in sorted(open_choices))
+    branches: dict[tuple[bool, ...], Callable[..., Any]] = {}
 
-    default = with_choices(backends.FAST_PATHS["gpu"].model_choices())
-    branches: dict[tuple[bool, ...], Callable[..., Any]] = {key("gpu"): default}
-    per_platform = {}
-    for kind, fast in backends.FAST_PATHS.items():
-      branch = branches.setdefault(key(kind), with_choices(fast.model_choices()))
-      if branch is not default:
-        per_platform |= {platform: branch for platform in backends.PLATFORMS[kind]}
+    def branch(kind: str) -> Callable[..., Any]:
+      choices = backends.FAST_PATHS[kind].model_choices()
+      key = tuple(choices[k] for k in sorted(open_choices))
+      if key not in branches:
+        branches[key] = with_choices(choices)
+      return branches[key]
+
+    default = branch("gpu")
+    per_platform = {platform: branch(kind) for kind in backends.FAST_PATHS
+                    for platform in backends.PLATFORMS[kind] if branch(kind) is not default}
     out = jax.lax.platform_dependent(dict(self.variables), x, rng, default=default,
                                      **per_platform)
     if mutable is False:
