@@ -223,7 +223,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   that step is checkpointed.
   """
   run = prepare(config, workdir_lib.resolve(workdir))
-  compilation.enable_cache(config.get("compilation_cache_dir", ""))
+  if jax.process_count() == 1:
+    # Several processes compile every step afresh: with JAX 0.12.1 the processes of a run that
+    # read their collectives from a persistent cache filled by earlier runs were seen to wait
+    # forever in the first one (tests/multihost_test.py); an optimisation may not do that.
+    compilation.enable_cache(config.get("compilation_cache_dir", ""))
   with contextlib.ExitStack() as stack:
     if preemption is None:
       preemption = preemption_lib.Preemption()
