@@ -277,9 +277,11 @@ class DenseNet(nn.Module):
     self._check_input(x)
     host = backends.fast_path().model_choices()
     open_choices = {k for k in host if getattr(self, k) is None}
-    if open_choices and not self.is_initializing():
+    # Initialising creates the same variables whatever the choices, and flax captures the
+    # intermediates of this apply's own modules only: both take the host's choices.
+    if (open_choices and not self.is_initializing()
+        and not self.is_mutable_collection("intermediates")):
       return self._per_platform(x, train, open_choices)
-    # Initialising creates the same variables whatever the choices: take the host's.
     choices = {k: host[k] if k in open_choices else getattr(self, k) for k in host}
     conv = layers.configure(
         self.conv, dtype=self.dtype, param_dtype=self.param_dtype, use_bias=False,
