@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from densenet_jax import models
+from densenet_jax import backends, models
 
 BATCH_CIFAR = 64
 BATCH_IMAGENET = 32
@@ -55,6 +55,9 @@ def _jaxpr_macs(jaxpr: jax.extend.core.Jaxpr) -> int:
 
 def forward_macs(model: models.DenseNet, input_shape: tuple[int, ...]) -> int:
   """Multiply-accumulates of one inference forward pass, counted from the jaxpr."""
+  # One platform's program: left open, the choices would trace a branch per platform.
+  model = model.clone(**{k: v for k, v in backends.fast_path().model_choices().items()
+                         if getattr(model, k) is None})
   variables = models.abstract_variables(model, input_shape)
   x = jax.ShapeDtypeStruct(input_shape, jnp.float32)
   return _jaxpr_macs(jax.make_jaxpr(lambda v, x: model.apply(v, x))(variables, x).jaxpr)
