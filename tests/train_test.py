@@ -1,5 +1,6 @@
 """The trainer run for real on CPU: tiny on-disk CIFAR-10, fake devices, SIGTERM, digits."""
 
+import dataclasses
 import json
 import re
 import os
@@ -369,8 +370,8 @@ def test_cpu_step_compiles_with_onednn_and_gives_the_same_result(monkeypatch):
   batch = step_lib.global_batch(mesh, {"image": rng.standard_normal((8, 16, 16, 3), np.float32),
                                        "label": rng.integers(0, 10, 8).astype(np.int32)})
   results = {}
-  for name, options in (("onednn", backends.FAST_PATHS["cpu"]), ("plain", backends.FastPath(
-      matmul_1x1=True, layer_barrier=True))):
+  for name, options in (("onednn", backends.FAST_PATHS["cpu"]), ("plain", dataclasses.replace(
+      backends.FAST_PATHS["cpu"], compiler_options={}))):
     monkeypatch.setitem(backends.FAST_PATHS, "cpu", options)
     state = step_lib.create_train_state(model, tx, (8, 16, 16, 3), jax.random.key(0))
     step = step_lib.make_train_step(model, tx, config, mesh)
