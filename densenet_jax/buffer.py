@@ -45,7 +45,8 @@ def _apply(layer: nn.Module, method: Callable[..., Array], variables: Any, x: An
 
 def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
                 rngs: Sequence[Array | None], train: bool, mutable: bool, shared_moments: bool,
-                keep_bottlenecks: bool) -> tuple[Array, list[Any]]:
+                keep_bottlenecks: bool, lanes: int, unroll: bool = False
+                ) -> tuple[Array, list[Any]]:
   """The output of a dense block of `layers` (unbound `DenseLayer`s) on `x`, and each layer's
   updated batch statistics (empty where `mutable` is False).
 
@@ -55,10 +56,16 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
     mutable: return the updated batch statistics (training with a mutable 'batch_stats').
     shared_moments: compute each map's BatchNorm moments once (`layers.DenseFeatures`).
     keep_bottlenecks: keep each layer's `head` output for the backward pass (else recompute it).
+    lanes: layers whose prefixes round up to the same multiple of `lanes` run as one loop body
+      on that wider prefix (1: each layer its own body). Only for per-channel norms.
+    unroll: unroll those loops (each layer compiled on its own, as the same computation).
   """
   c0 = x.shape[-1]
   growth = [layer.growth_rate for layer in layers]
   offsets = [c0 + sum(growth[:i]) for i in range(len(layers) + 1)]
+  groups = _groups(offsets, growth, lanes)
+  keep = keep_bottlenecks and layers[0].bn_size is not None  # a basic layer's head output is
+  # its map, already in the buffer
 
   def channels(a: Array | None, lo: int, hi: int) -> Array | None:
     return None if a is None else jax.lax.slice_in_dim(a, lo, hi, axis=-1)
@@ -66,30 +73,49 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
   def features(prefix: Array, prefix_moments: Array | None) -> DenseFeatures:
     return DenseFeatures((prefix,), None if prefix_moments is None else (prefix_moments,))
 
-  def head(i: int, v: Any, feats: DenseFeatures, rng: Array | None) -> tuple[Array, Any]:
-    return _apply(layers[i], type(layers[i]).head, v, feats, train, mutable, rng)
+  def head(layer: nn.Module, v: Any, feats: DenseFeatures, rng: Array | None):
+    return _apply(layer, type(layer).head, v, feats, train, mutable, rng)
 
-  def tail(i: int, v: Any, z: Array, rng: Array | None) -> tuple[Array, Any]:
-    return _apply(layers[i], type(layers[i]).tail, v, z, train, mutable, rng)
+  def tail(layer: nn.Module, v: Any, z: Array, rng: Array | None):
+    return _apply(layer, type(layer).tail, v, z, train, mutable, rng)
+
+  def stacked(group: _Group, variables: Sequence[Any], rngs: Sequence[Array | None]) -> Any:
+    """The group's variables widened to its prefix and stacked, its rngs and map offsets."""
+    first, last, width = group
+    wide = [_widen(variables[i], variables[first], variables[min(first + 1, last - 1)],
+                   width - offsets[i]) for i in range(first, last)]
+    return (jax.tree_util.tree_map(lambda *a: jnp.stack(a), *wide),
+            None if rngs[first] is None else jnp.stack(rngs[first:last]),
+            jnp.asarray(offsets[first:last], jnp.int32))
 
   def forward(x: Array, variables: Sequence[Any], rngs: Sequence[Array | None]):
     buf = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, offsets[-1] - c0)])
     moments = None
     if shared_moments:
       moments = jnp.pad(batch_moments(x), [(0, 0), (0, offsets[-1] - c0)])
-    bottlenecks, stats = [], []  # head outputs; each layer's updated statistics
-    for i in range(len(layers)):
-      feats = features(channels(buf, 0, offsets[i]), channels(moments, 0, offsets[i]))
-      z, head_stats = head(i, variables[i], feats, rngs[i])
-      # the tail starts from the head's updated statistics and returns all of the layer's
-      y, layer_stats = tail(i, {**variables[i], "batch_stats": head_stats} if mutable
-                            else variables[i], z, rngs[i])
-      buf = jax.lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), offsets[i], axis=-1)
-      if moments is not None:
-        moments = jax.lax.dynamic_update_slice_in_dim(moments, batch_moments(y), offsets[i],
-                                                      axis=-1)
+    bottlenecks, stats = [], []  # per group: stacked head outputs (if kept); each layer's stats
+    for group in groups:
+      layer, width = layers[group[0]], group[2]
+
+      def step(carry: Any, xs: Any, layer: nn.Module = layer, width: int = width):
+        buf, moments = carry
+        v, rng, offset = xs
+        feats = features(channels(buf, 0, width), channels(moments, 0, width))
+        z, head_stats = head(layer, v, feats, rng)
+        # the tail starts from the head's updated statistics and returns all of the layer's
+        y, layer_stats = tail(layer, {**v, "batch_stats": head_stats} if mutable else v, z, rng)
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, y.astype(buf.dtype), offset, axis=-1)
+        if moments is not None:
+          moments = jax.lax.dynamic_update_slice_in_dim(moments, batch_moments(y), offset,
+                                                        axis=-1)
+        return (buf, moments), (z if keep else None, layer_stats)
+
+      (buf, moments), (z, group_stats) = jax.lax.scan(
+          step, (buf, moments), stacked(group, variables, rngs),
+          unroll=unroll or group[1] - group[0] == 1)
       bottlenecks.append(z)
-      stats.append(layer_stats)
+      stats += _unstack(group_stats, [v.get("batch_stats", {}) if mutable else {}
+                                      for v in variables[group[0]:group[1]]])
     return buf, moments, bottlenecks, stats
 
   @jax.custom_vjp
@@ -99,52 +125,96 @@ def dense_block(layers: Sequence[nn.Module], x: Array, variables: Sequence[Any],
 
   def block_fwd(x: Array, variables: Sequence[Any], rngs: Sequence[Array | None]):
     buf, moments, bottlenecks, stats = forward(x, variables, rngs)
-    # A basic layer's head output is its map, already in the buffer.
-    saved = bottlenecks if keep_bottlenecks and layers[0].bn_size is not None else None
+    saved = bottlenecks if keep else None
     return (buf, stats), (buf, moments, saved, variables, rngs)
 
   def block_bwd(residuals: Any, cotangents: Any):
     buf, moments, saved, variables, rngs = residuals
     grad, _ = cotangents  # the statistics are not differentiable (stop_gradient below)
     grad_moments = None if moments is None else jnp.zeros_like(moments)
-    grad_variables = [None] * len(layers)
+    grad_variables = []
 
-    def map_grad(lo: int, hi: int) -> Array:
-      """The whole gradient of channels [lo, hi): as read, and through their moments."""
-      g = channels(grad, lo, hi)
+    def map_grad(grad: Array, grad_moments: Array | None, lo: Any, size: int) -> Array:
+      """The whole gradient of channels [lo, lo + size): as read, and through their moments."""
+      g = jax.lax.dynamic_slice_in_dim(grad, lo, size, axis=-1)
       if moments is None:
         return g
-      _, moments_vjp = jax.vjp(batch_moments, channels(buf, lo, hi))
-      return g + moments_vjp(channels(grad_moments, lo, hi))[0]
+      _, moments_vjp = jax.vjp(batch_moments,
+                               jax.lax.dynamic_slice_in_dim(buf, lo, size, axis=-1))
+      return g + moments_vjp(jax.lax.dynamic_slice_in_dim(grad_moments, lo, size, axis=-1))[0]
 
-    for i in reversed(range(len(layers))):
-      lo, hi = offsets[i], offsets[i + 1]
-      gy = map_grad(lo, hi)
+    for gi in reversed(range(len(groups))):
+      first, last, width = groups[gi]
+      layer = layers[first]
 
-      def head_output(v: Any, prefix: Array, prefix_moments: Array | None, i: int = i) -> Array:
-        return head(i, v, features(prefix, prefix_moments), rngs[i])[0]
+      def step(carry: Any, xs: Any, layer: nn.Module = layer, width: int = width):
+        grad, grad_moments = carry
+        (v, rng, offset), z = xs
+        gy = map_grad(grad, grad_moments, offset, layer.growth_rate)
 
-      grad_tail = None
-      if saved is not None:
-        _, tail_vjp = jax.vjp(lambda v, z, i=i: tail(i, v, z, rngs[i])[0], variables[i], saved[i])
-        grad_tail, gy = tail_vjp(gy)
-        recomputed = head_output
-      else:
-        def recomputed(v: Any, prefix: Array, prefix_moments: Array | None, i: int = i) -> Array:
-          return tail(i, v, head_output(v, prefix, prefix_moments), rngs[i])[0]
-      _, layer_vjp = jax.vjp(recomputed, variables[i], channels(buf, 0, lo),
-                             channels(moments, 0, lo))
-      grad_variables[i], grad_prefix, grad_prefix_moments = layer_vjp(gy)
-      if grad_tail is not None:
-        grad_variables[i] = jax.tree_util.tree_map(jnp.add, grad_variables[i], grad_tail)
-      grad = _add_prefix(grad, grad_prefix)
-      if moments is not None:
-        grad_moments = _add_prefix(grad_moments, grad_prefix_moments)
-    return map_grad(0, c0), grad_variables, [None] * len(rngs)
+        def head_output(v: Any, prefix: Array, prefix_moments: Array | None) -> Array:
+          return head(layer, v, features(prefix, prefix_moments), rng)[0]
+
+        grad_tail = None
+        if z is not None:
+          _, tail_vjp = jax.vjp(lambda v, z: tail(layer, v, z, rng)[0], v, z)
+          grad_tail, gy = tail_vjp(gy)
+          recomputed = head_output
+        else:
+          def recomputed(v: Any, prefix: Array, prefix_moments: Array | None) -> Array:
+            return tail(layer, v, head_output(v, prefix, prefix_moments), rng)[0]
+        _, layer_vjp = jax.vjp(recomputed, v, channels(buf, 0, width),
+                               channels(moments, 0, width))
+        grad_v, grad_prefix, grad_prefix_moments = layer_vjp(gy)
+        if grad_tail is not None:
+          grad_v = jax.tree_util.tree_map(jnp.add, grad_v, grad_tail)
+        grad = _add_prefix(grad, grad_prefix)
+        if grad_moments is not None:
+          grad_moments = _add_prefix(grad_moments, grad_prefix_moments)
+        return (grad, grad_moments), grad_v
+
+      (grad, grad_moments), grad_group = jax.lax.scan(
+          step, (grad, grad_moments),
+          (stacked(groups[gi], variables, rngs), None if saved is None else saved[gi]),
+          reverse=True, unroll=unroll or last - first == 1)
+      grad_variables = _unstack(grad_group, variables[first:last]) + grad_variables
+    return map_grad(grad, grad_moments, 0, c0), grad_variables, [None] * len(rngs)
 
   block.defvjp(block_fwd, block_bwd)
   buf, stats = block(x, list(variables), list(rngs))
   return buf, jax.lax.stop_gradient(stats)
+
+
+_Group = tuple[int, int, int]  # layers [first, last) reading a prefix of this many channels
+
+
+def _groups(offsets: Sequence[int], growth: Sequence[int], lanes: int) -> list[_Group]:
+  """Runs of equal layers whose prefixes round up to the same multiple of `lanes` (at most the
+  block's width); a layer alone reads its own prefix."""
+  groups: list[_Group] = []
+  for i, start in enumerate(offsets[:-1]):
+    width = min(-(-start // lanes) * lanes, offsets[-1])
+    if groups and groups[-1][2] == width and growth[i] == growth[groups[-1][0]]:
+      groups[-1] = (groups[-1][0], i + 1, width)
+    else:
+      groups.append((i, i + 1, width))
+  return [group if group[1] - group[0] > 1 else (group[0], group[1], offsets[group[0]])
+          for group in groups]
+
+
+def _widen(tree: Any, a: Any, b: Any, extra: int) -> Any:
+  """`tree` with `extra` zeros appended on each axis where the layers' variables `a` and `b`
+  differ (their input channels): a zero row of a per-channel norm and of the 1x1 convolution
+  makes an unwritten or later channel of the wider prefix add exactly nothing, forward or back."""
+  def pad(leaf: Array, x: Array, y: Array) -> Array:
+    return jnp.pad(leaf, [(0, extra if m != n else 0) for m, n in zip(x.shape, y.shape)])
+  return jax.tree_util.tree_map(pad, tree, a, b)
+
+
+def _unstack(tree: Any, like: Sequence[Any]) -> list[Any]:
+  """Each layer's slice of a stacked `tree`, cut back to the shapes of `like`'s leaves."""
+  return [jax.tree_util.tree_map(lambda s, ref, i=i: s[i][tuple(map(slice, ref.shape))],
+                                 tree, ref) for i, ref in enumerate(like)]
 
 
 def _add_prefix(buf: Array, update: Array) -> Array:

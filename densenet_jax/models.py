@@ -108,6 +108,10 @@ class DenseBlock(nn.Module):
   act: Callable[[Array], Array]
   layer_barrier: bool = False
   buffer: bool = False  # one buffer and a custom backward pass (densenet_jax.buffer)
+  # With a per-channel norm, the buffer's layers whose prefixes round up to the same multiple
+  # of this run as one loop body: a TPU pads channels to its 128 lanes, so they read no more.
+  buffer_lanes: int = 128
+  buffer_unroll: bool = False  # one body per layer (DenseNet.unroll_layers)
 
   @nn.compact
   def __call__(self, x: Array, train: bool) -> Array:
@@ -141,7 +145,8 @@ class DenseBlock(nn.Module):
     y, stats = buffer.dense_block(
         [self._layer(memory_efficient=False, parent=None) for _ in names], x, variables, rngs,
         train, mutable, layers.shares_moments(self.norm, train),
-        keep_bottlenecks=not self.memory_efficient)
+        keep_bottlenecks=not self.memory_efficient, unroll=self.buffer_unroll,
+        lanes=self.buffer_lanes if issubclass(layers.module_class(self.norm), nn.BatchNorm) else 1)
     for name, updates in zip(names, stats):
       if updates:
         self.put_variable("batch_stats", name, updates)
@@ -204,6 +209,10 @@ class DenseNet(nn.Module):
     For these three, None (the default) takes the choice of the platform the model is compiled
     for (densenet_jax.backends says why each backend wants what), also when that platform is
     not the one this Python process runs on (ahead-of-time compilation for a TPU or GPU).
+    unroll_layers: compile each layer of a one-buffer block on its own instead of one loop body
+      per run of layers that read the same number of 128-lane tiles: the same computation,
+      slower to compile, and what `train.plan` reads flops and bytes from (XLA's cost
+      analysis counts a loop body once).
   """
 
   growth_rate: int = 32
@@ -228,6 +237,7 @@ class DenseNet(nn.Module):
   matmul_1x1: bool | None = None
   layer_barrier: bool | None = None
   block_buffer: bool | None = None
+  unroll_layers: bool = False
 
   def __post_init__(self) -> None:
     _check_config(self)
@@ -308,7 +318,8 @@ class DenseNet(nn.Module):
       x = DenseBlock(num_layers=num_layers, growth_rate=self.growth_rate, bn_size=self.bn_size,
                      drop_rate=self.drop_rate, memory_efficient=self.memory_efficient, conv=conv,
                      norm=norm, act=act, layer_barrier=choices["layer_barrier"],
-                     buffer=choices["block_buffer"], name=f"denseblock{i + 1}")(x, train)
+                     buffer=choices["block_buffer"], buffer_unroll=self.unroll_layers,
+                     name=f"denseblock{i + 1}")(x, train)
       stages[f"block{i + 1}"] = x
       if i < len(self.block_config) - 1:
         x = Transition(out_channels=channels[i][1], drop_rate=self.drop_rate, conv=conv,

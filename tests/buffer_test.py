@@ -21,14 +21,14 @@ from densenet_jax import layers, models, summary
 
 
 def block(buffer, norm=layers.BatchNorm, bn_size=4, memory_efficient=False, drop_rate=0.0,
-          axis_name=None, train=True, dtype=jnp.float64):
+          axis_name=None, train=True, dtype=jnp.float64, lanes=8, num_layers=4):
   norm = layers.configure(norm, use_running_average=not train, momentum=0.9, epsilon=1e-5,
                           dtype=dtype, param_dtype=dtype, axis_name=axis_name)
   conv = layers.configure(layers.Conv, dtype=dtype, param_dtype=dtype,
                           kernel_init=models.he_normal)
-  return models.DenseBlock(num_layers=4, growth_rate=3, bn_size=bn_size, drop_rate=drop_rate,
-                           memory_efficient=memory_efficient, conv=conv, norm=norm, act=nn.relu,
-                           buffer=buffer)
+  return models.DenseBlock(num_layers=num_layers, growth_rate=3, bn_size=bn_size,
+                           drop_rate=drop_rate, memory_efficient=memory_efficient, conv=conv,
+                           norm=norm, act=nn.relu, buffer=buffer, buffer_lanes=lanes)
 
 
 def randomised(variables, key):
@@ -64,14 +64,19 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("case,train", [
-    ("bottleneck", True),
-    *(pytest.param(c, t, marks=pytest.mark.slow) for c in CASES for t in (True, False)
+# The block's 5 + 4 * 3 channels: with 8 lanes, layers 1-2 (prefixes of 5 and 8 channels) run
+# as one loop body on 8 channels, layers 3-4 (11 and 14) on 16; with 128, all four on all 17;
+# with 1, each layer reads its own prefix.
+@pytest.mark.parametrize("case,train,lanes", [
+    ("bottleneck", True, 8),
+    *(pytest.param("bottleneck", True, n, marks=pytest.mark.slow) for n in (1, 128)),
+    *(pytest.param(c, t, 8, marks=pytest.mark.slow) for c in CASES for t in (True, False)
       if (c, t) != ("bottleneck", True))])
-def test_custom_vjp_equals_autodiff_of_the_concatenating_block_in_float64(case, train):
+def test_custom_vjp_equals_autodiff_of_the_concatenating_block_in_float64(case, train, lanes):
   with jax.enable_x64(True):
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 5), jnp.float64)
-    concatenating, buffered = (block(b, train=train, **CASES[case]) for b in (False, True))
+    concatenating, buffered = (block(b, train=train, lanes=lanes, **CASES[case])
+                               for b in (False, True))
     v = randomised(concatenating.init(jax.random.key(1), x, train), jax.random.key(2))
     want = loss_and_grads(concatenating, v, x, train)
     got = loss_and_grads(buffered, v, x, train)
@@ -116,7 +121,7 @@ def test_each_layer_reads_a_prefix_of_one_buffer_and_concatenates_nothing():
   x = jnp.zeros((2, 6, 6, 5))
   text = {}
   for buffer in (False, True):
-    model = block(buffer, dtype=jnp.float32)
+    model = block(buffer, dtype=jnp.float32, lanes=1)
     v = model.init(jax.random.key(1), x, True)
     text[buffer] = jax.jit(lambda v, x, model=model: loss_and_grads(model, v, x)).lower(
         v, x).as_text()
@@ -124,6 +129,21 @@ def test_each_layer_reads_a_prefix_of_one_buffer_and_concatenates_nothing():
   assert channels.search(text[False])
   assert not channels.search(text[True])
   assert text[True].count("dynamic_update_slice") >= 2 * 4  # each map written, each gradient added
+
+
+def test_the_layers_of_one_lane_group_compile_as_one_loop_body():
+  x = jnp.zeros((2, 6, 6, 5))
+
+  def lowered(num_layers):
+    model = block(True, dtype=jnp.float32, lanes=128, num_layers=num_layers)
+    v = model.init(jax.random.key(1), x, True)
+    return jax.jit(lambda v, x: loss_and_grads(model, v, x)).lower(v, x).as_text()
+
+  short, long = lowered(4), lowered(8)
+  # all layers of either block read one 128-lane prefix: one forward and one backward loop, and
+  # as many convolutions in the program for 8 layers as for 4
+  assert short.count("stablehlo.while") == long.count("stablehlo.while") == 2
+  assert short.count("stablehlo.convolution") == long.count("stablehlo.convolution")
 
 
 def test_the_choices_follow_the_platform_the_model_is_compiled_for():

@@ -31,13 +31,14 @@ def tiny_config(**fields):
 
 
 def test_plan_equals_an_independent_compile_of_the_same_step():
-  config = tiny_config()
+  # two layers per block: each block's layers run as one loop body on TPU (densenet_jax.buffer)
+  config = tiny_config(model_overrides={"depth": 16})
   p = plan.plan(config, "v5e:2x2", max_batch=False)
   # The same step built by hand: the preset, SGD + Nesterov + decay, a mesh over the topology.
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
   devices = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2").devices
   mesh = Mesh(np.asarray(devices), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
-  model = models.densenet_bc(depth=10, num_classes=10, in_channels=1, drop_rate=0.0,
+  model = models.densenet_bc(depth=16, num_classes=10, in_channels=1, drop_rate=0.0,
                              matmul_1x1=False, layer_barrier=False)
   tx = optax.chain(optax.add_decayed_weights(1e-4),
                    optax.sgd(optax.piecewise_constant_schedule(0.1, {110: 0.1, 165: 0.1}), 0.9,
@@ -51,14 +52,22 @@ def test_plan_equals_an_independent_compile_of_the_same_step():
   shard = NamedSharding(mesh, P("data"))
   batch = {"image": jax.ShapeDtypeStruct((64, 8, 8, 1), jnp.float32, sharding=shard),
            "label": jax.ShapeDtypeStruct((64,), jnp.int32, sharding=shard)}
-  compiled = step_lib.make_train_step(model, tx, config, mesh).lower(state, batch).compile()
-  memory, cost = compiled.memory_analysis(), compiled.cost_analysis()
+  compiled, unrolled = (
+      step_lib.make_train_step(m, tx, config, mesh).lower(state, batch).compile()
+      for m in (model, model.clone(unroll_layers=True)))
+  memory, looped = compiled.memory_analysis(), compiled.cost_analysis()
+  # XLA's cost analysis counts a loop body once: the work is the loop-free step's, the memory
+  # the step's own
+  assert " while(" in compiled.as_text() and " while(" not in unrolled.as_text()
+  cost = unrolled.cost_analysis()
+  assert looped["flops"] < cost["flops"]
   assert p.per_chip_batch == 16 and p.chips == 4 and p.fits
   assert p.per_chip_temp_bytes == memory.temp_size_in_bytes
   assert p.per_chip_argument_bytes == memory.argument_size_in_bytes
   assert p.flops_per_step == cost["flops"]
   assert p.bytes_accessed_per_step == cost["bytes accessed"]
-  assert p.mxu_flops_per_step == plan.matmul_flops(compiled.as_text(), 128).mxu_flops
+  assert p.mxu_flops_per_step == plan.matmul_flops(unrolled.as_text(), 128).mxu_flops
+  assert p.work_source == "the compiler's cost analysis"
   # The roofline is the slowest of compute at the bf16 peak, the MXU-padded convolutions and
   # dots at the same peak, and traffic at full bandwidth.
   chip = plan.CHIPS["v5e"]

@@ -369,8 +369,8 @@ def matmul_flops(hlo_text: str, mxu_width: int | None = None) -> MatmulFlops:
   rhs input-feature size times the window (every rhs spatial dimension), its output features
   the rhs `o` size (per feature group), its rows every other output element. Dots: contracting
   dims against the rhs's free dims, per batch. XLA:GPU's cuDNN convolutions and cuBLAS gemms
-  count as the convolutions and dots they are. Every computation is counted once (the train
-  and eval steps have no loops). Without `mxu_width`, `mxu_flops` equals `flops`.
+  count as the convolutions and dots they are. Every computation is counted once, a loop body too
+  (`plan` reads a step's work from its loop-free form). Without `mxu_width`, `mxu_flops` equals `flops`.
   """
   shapes: dict[str, list[int]] = {}
   flops = mxu = 0.0
@@ -434,6 +434,7 @@ class StepCost:
   compile_seconds: float
   compile_cpu_seconds: float
   from_hlo: bool = False  # flops and bytes counted in the HLO (no compiler cost analysis)
+  loops: int = 0  # while loops in the optimised HLO: their bodies' work is counted once
 
   def times(self, n: int) -> StepCost:
     """The figures of `n` devices running this step side by side (one chip of n devices)."""
@@ -508,7 +509,8 @@ def compile_cost(lowerable: Any, *args: Any, mxu_width: int | None = 128,
       peak_bytes=components,
       flops=float(cost["flops"]) if cost else matmul.flops,
       bytes_accessed=float(cost["bytes accessed"]) if cost else hlo_bytes_accessed(text),
-      matmul=matmul, compile_seconds=wall, compile_cpu_seconds=cpu, from_hlo=not cost)
+      matmul=matmul, compile_seconds=wall, compile_cpu_seconds=cpu, from_hlo=not cost,
+      loops=sum(ins.opcode == "while" for ins in _instructions(text)))
 
 
 BOUNDS = ("compute", "MXU-width compute", "HBM bandwidth")
@@ -693,7 +695,9 @@ def _train_figures(train: StepCost, evaluate: StepCost | None, chip: Chip, per_c
       flops_per_step=train.flops, bytes_accessed_per_step=train.bytes_accessed,
       work_source=("the optimised HLO: convolutions and dots (elementwise work left out), "
                    "each kernel's operands and results" if train.from_hlo
-                   else "the compiler's cost analysis"),
+                   else "the compiler's cost analysis") + (
+                       f" (its {train.loops} loop bodies counted once each)" if train.loops
+                       else ""),
       matmul_flops_per_step=train.matmul.flops,
       mxu_flops_per_step=train.matmul.mxu_flops if chip.mxu_width else None,
       flops_per_image=train.flops / per_chip,
@@ -748,9 +752,20 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
     os.makedirs(hlo_dir, exist_ok=True)
     return os.path.join(hlo_dir, f"{name}.hlo.txt")
 
-  def per_chip_cost(step: Any, batch: Any, hlo: str | None) -> StepCost:
+  def per_chip_cost(make_step: Callable[[Any], Any], batch: Any, hlo: str | None,
+                    work: bool = True) -> StepCost:
     try:
-      cost = compile_cost(step, state, batch, mxu_width=chip.mxu_width, hlo_path=hlo)
+      cost = compile_cost(make_step(model), state, batch, mxu_width=chip.mxu_width,
+                          hlo_path=hlo)
+      if work and cost.loops and hasattr(model, "unroll_layers"):
+        # XLA's cost analysis counts a loop body once: the work is that of the same step
+        # with every layer unrolled, its memory and compile time the step's own.
+        progress("  ...and its loop-free form, for its flops and bytes accessed...")
+        unrolled = compile_cost(make_step(model.clone(unroll_layers=True)), state, batch,
+                                mxu_width=chip.mxu_width)
+        cost = dataclasses.replace(cost, flops=unrolled.flops, matmul=unrolled.matmul,
+                                   bytes_accessed=unrolled.bytes_accessed,
+                                   loops=unrolled.loops)
     except OutOfMemory as e:
       if e.required_bytes:
         e.required_bytes *= chip.devices_per_chip
@@ -760,12 +775,12 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
       raise OutOfMemory(f"{cost.peak_bytes} bytes", required_bytes=cost.peak_bytes)
     return cost
 
-  def train_cost(per_chip: int, hlo: str | None = None) -> StepCost:
+  def train_cost(per_chip: int, hlo: str | None = None, work: bool = True) -> StepCost:
     resized = config.copy_and_resolve_references()
     with resized.unlocked():
       resized.batch_size = per_chip * chips
-    return per_chip_cost(step_lib.make_train_step(model, tx, resized, mesh),
-                         step_lib.abstract_batch(mesh, per_chip * chips, image), hlo)
+    return per_chip_cost(lambda m: step_lib.make_train_step(m, tx, resized, mesh),
+                         step_lib.abstract_batch(mesh, per_chip * chips, image), hlo, work)
 
   per_chip = batches.train // chips
   progress(f"Compiling the train step for {topology} ({chips} chips, {per_chip} images per "
@@ -780,7 +795,7 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
   evaluate: StepCost | None = None
   try:
     evaluate = per_chip_cost(
-        step_lib.make_eval_step(model, mesh),
+        lambda m: step_lib.make_eval_step(m, mesh),
         step_lib.abstract_batch(mesh, batches.eval, image, eval_batch=True),
         hlo_path("eval_step"))
   except OutOfMemory as e:
@@ -804,7 +819,7 @@ def plan(config: Any, topology: str, num_slices: int = 1, max_batch: bool = True
     progress(f"Finding the largest per-chip batch that fits (at most {max_batch_compiles} more "
              f"train-step compiles)...")
     best, over, compiled = largest_fitting_batch(
-        lambda b: train_cost(b).peak_bytes, per_chip,
+        lambda b: train_cost(b, work=False).peak_bytes, per_chip,
         train.peak_bytes if train else needed.get("per_chip_required_bytes"), train is not None,
         chip.hbm_bytes, step=math.lcm(8 if per_chip % 8 == 0 else 1, chip.devices_per_chip),
         max_compiles=max_batch_compiles,
