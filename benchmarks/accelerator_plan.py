@@ -14,7 +14,7 @@ the trainer's train and eval steps for a config with one of these models and pri
 
 Every figure is a compiler estimate (memory, flops, HBM bytes accessed), exact for the compiled
 program and independent of this machine's load (on GPUs flops and bytes are counted in the
-optimised HLO: see train/plan.py); compile seconds are this machine's.
+optimised HLO: see train/plan/cost.py); compile seconds are this machine's.
 """
 
 from __future__ import annotations

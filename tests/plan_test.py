@@ -235,7 +235,7 @@ def _fake_compiles(monkeypatch, over: int):
                          peak_bytes=(1 << 20) + images * 1000, flops=1e9, bytes_accessed=1e8,
                          matmul=matmul, compile_seconds=1.0, compile_cpu_seconds=1.0)
 
-  monkeypatch.setattr(plan, "compile_cost", compile_cost)
+  monkeypatch.setattr(plan.planner, "compile_cost", compile_cost)
   return calls
 
 
