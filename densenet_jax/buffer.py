@@ -14,6 +14,14 @@ the prefix of one gradient buffer in place. Each layer's bottleneck output is ke
 backward pass unless `memory_efficient`, which recomputes it too. Per-map BatchNorm moments
 (`layers.DenseFeatures`) live in a second, (2, C) buffer that is handled the same way.
 
+Layers run as loops: consecutive layers whose prefixes round up to the same multiple of `lanes`
+(a TPU's 128) read that wider prefix and share one loop body (`jax.lax.scan`), so a block
+compiles a few bodies instead of one per layer. Their norm1 and 1x1-kernel rows are widened with
+zeros, so the channels a layer would not have read add nothing, forward or backward: a zero
+kernel row gives them a zero gradient, and a per-channel norm keeps them apart (other norms
+read exact prefixes, one layer per body). On a TPU the wider prefix occupies the same lane
+tiles as the exact one.
+
 The layers are the model's own `DenseLayer` modules, applied functionally: any norm, conv,
 activation, dropout and `bn_axis_name` compute exactly what the concatenating block computes
 (tests/reference_test.py, tests/buffer_test.py).
