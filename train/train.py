@@ -224,9 +224,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   """
   run = prepare(config, workdir_lib.resolve(workdir))
   if jax.process_count() == 1:
-    # Several processes compile every step afresh: with JAX 0.12.1 the processes of a run that
-    # read their collectives from a persistent cache filled by earlier runs were seen to wait
-    # forever in the first one (tests/multihost_test.py); an optimisation may not do that.
+    # Several processes compile every step afresh. Each computes its own cache key for the
+    # same program (JAX makes keys process-independent on GPU only) and only process 0
+    # writes, so on a relaunch process 0 loaded what the others compiled anew, and on
+    # XLA:CPU (JAX 0.12.1) those two executables never met in their first collective: the
+    # run waited forever. An optimisation may not do that (docs/training.md).
     compilation.enable_cache(config.get("compilation_cache_dir", ""))
   with contextlib.ExitStack() as stack:
     if preemption is None:
