@@ -13,6 +13,7 @@ sys.path.insert(0, BENCH)
 import memory  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import profile_step  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import render  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import resnet50  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import run_all  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 # GPU machines have jax, flax, optax, orbax (and torch), but none of these.
@@ -34,6 +35,18 @@ def test_train_step_runs_where_only_jax_flax_optax_exist():
   assert row["batch"] == 4 and row["steps"] == 2
   assert row["img_per_s"] > 0 and row["compile_s"] > 0 and len(row["load_before"]) == 3
   assert row["temp_mib"] > 0 and row["loss"] == row["loss"]  # finite, not NaN
+
+
+def test_the_reference_resnet50_is_resnet50():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = resnet50.ResNet50()
+  variables = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))
+  # torchvision's resnet50 and Keras' ResNet50 have 25,557,032 parameters
+  assert sum(p.size for p in jax.tree_util.tree_leaves(variables["params"])) == 25_557_032
+  logits, state = model.apply(jax.tree_util.tree_map(jnp.zeros_like, variables),
+                              jnp.zeros((2, 64, 64, 3)), train=True, mutable=["batch_stats"])
+  assert logits.shape == (2, 1000) and "batch_stats" in state
 
 
 def test_profile_accounts_for_the_step_by_kind_of_op(capsys):
