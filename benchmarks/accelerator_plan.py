@@ -79,6 +79,8 @@ def main(argv: list[str] | None = None) -> dict:
                       hlo_dir=args.dump_hlo).asdict()
   row.update(bench="accelerator_plan", config=args.config, variant=args.variant,
              wall_s=time.time() - start)
+  if args.variant == "resnet50":
+    row["model"] = "resnet50"  # the plan names the config's model
   print(json.dumps(row), flush=True)
   return row
 

@@ -126,12 +126,15 @@ def render(results: str) -> str:
           "per-chip figures from the TPU compiler's `memory_analysis()` and `cost_analysis()`, "
           "exact for the compiled program and not measurements on hardware; on GPUs (`h100`) "
           "memory from the compiler and flops and bytes counted in the optimised HLO (each "
-          "kernel's operands and results; train/plan/cost.py). Roofline: max(flops / bf16 peak, bytes / HBM bandwidth) "
+          "kernel's operands and results; train/plan/cost.py). Roofline: max(flops / bf16 peak, MXU-width flops / bf16 peak (TPUs), bytes / HBM bandwidth) "
           "per step, with the chip figures cited in `train/plan/chips.py`. `shipped`: the model as the "
-          "trainer builds it for a TPU (one-buffer dense blocks since 2026-12-07; the earlier "
-          "`shipped` rows, concatenating blocks, are kept as `concatenating`); `concatenating`: "
-          "the same with `block_buffer=False`; `cpu_choices`: the same with the CPU fast path; "
-          "`textbook`: tests/reference_densenet.py. Compile CPU-s are this machine's.", "",
+          "trainer builds it for a TPU (one-buffer dense blocks since 2026-12-07, their layers "
+          "run as loop bodies; a looped step's flops and bytes are those of the same step "
+          "unrolled, as XLA counts a loop body once; the earlier `shipped` rows, concatenating "
+          "blocks, are kept as `concatenating`); `concatenating`: the same with "
+          "`block_buffer=False`; `cpu_choices`: the same with the CPU fast path; `textbook`: "
+          "tests/reference_densenet.py; `resnet50`: benchmarks/resnet50.py in the same step. "
+          "Compile CPU-s are this machine's.", "",
           *table([col("model"), col("topology"), col("variant"), col("dtype"),
                   col("memory_efficient"), col("per_chip_batch", "batch/chip"),
                   ("temp GiB", gib("per_chip_temp_bytes")),
