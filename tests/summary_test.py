@@ -6,6 +6,9 @@ from densenet_jax import models, summary
 def test_summary_counts_paper_macs():
   assert round(summary.forward_macs(models.densenet_bc_100(), (1, 32, 32, 3)) / 1e9, 3) == 0.288
   assert round(summary.forward_macs(models.densenet121(), (1, 224, 224, 3)) / 1e9, 2) == 2.83
+  # the same model whatever the block form (the one-buffer block runs its layers in loops)
+  assert round(summary.forward_macs(models.densenet_bc_100(block_buffer=True),
+                                    (1, 32, 32, 3)) / 1e9, 3) == 0.288
   rows = [summary.summarize("densenet40", memory=False)]
   assert "| densenet40 | 40 | 12 | 32x32 | 1,019,722 | 0.265 |" in summary.markdown(rows)
 
